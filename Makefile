@@ -1,0 +1,50 @@
+# Set-up and entry points. `make run` and `make test` work from a fresh clone:
+# they create .venv, install dependencies, build the extension and go.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.densepipe-installed
+export MLFLOW_ENABLE_TELEMETRY := false
+export DO_NOT_TRACK := 1
+
+.PHONY: all venv install run test lint bench ui cuda-headers clean
+
+all: run
+
+# --system-site-packages: a machine's own torch (e.g. a CUDA build) stays visible and untouched.
+$(PY):
+	python3 -m venv --system-site-packages $(VENV)
+
+venv: $(PY)
+
+# torch first, and only when none is importable: an open range would pull a CUDA build.
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install "setuptools>=68" wheel ninja
+	$(PIP) install --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# cuBLASLt headers for compiling the CUDA sources where the toolkit lacks them
+# (unpacked from PyPI's nvidia-cublas wheel; nothing is installed).
+cuda-headers: $(PY)
+	$(PY) -m densepipe._cuda_headers $(VENV)/cuda-headers
+
+run: install
+	@if [ -f dvc.yaml ]; then $(VENV)/bin/dvc repro && $(PY) -m densepipe.cli where; \
+	else echo "pipeline not built yet: dvc.yaml is missing"; fi
+
+test: install
+	@command -v nvcc >/dev/null && $(MAKE) --no-print-directory cuda-headers || true
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/bench_dense.py
+
+clean:
+	rm -rf build src/densepipe/*.so src/*.egg-info

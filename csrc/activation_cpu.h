@@ -1,0 +1,81 @@
+// Vectorized (at::vec) activation math for the CPU kernels.
+//   forward(z)      -> y
+//   derivative(s)   -> dy/dz, where s is z if needs_preact(A) else y
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include "activation.h"
+
+namespace densepipe::cpu {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <Act A, typename T>
+inline Vec<T> forward(Vec<T> z, Vec<T> alpha) {
+  const Vec<T> zero(static_cast<T>(0)), one(static_cast<T>(1)), half(static_cast<T>(0.5));
+  if constexpr (A == Act::Linear) {
+    return z;
+  } else if constexpr (A == Act::Relu) {
+    return at::vec::clamp_min(z, zero);
+  } else if constexpr (A == Act::LeakyRelu) {
+    return Vec<T>::blendv(z * alpha, z, z > zero);
+  } else if constexpr (A == Act::Elu) {
+    return Vec<T>::blendv(alpha * z.expm1(), z, z > zero);
+  } else if constexpr (A == Act::Selu) {
+    const Vec<T> scale(static_cast<T>(kSeluScale)), sa(static_cast<T>(kSeluScale * kSeluAlpha));
+    return Vec<T>::blendv(sa * z.expm1(), scale * z, z > zero);
+  } else if constexpr (A == Act::Gelu) {
+    return half * z * (one + (z * Vec<T>(static_cast<T>(kSqrtHalf))).erf());
+  } else if constexpr (A == Act::GeluTanh) {
+    const Vec<T> inner = Vec<T>(static_cast<T>(kSqrt2OverPi)) * (z + Vec<T>(static_cast<T>(kGeluCoef)) * z * z * z);
+    return half * z * (one + inner.tanh());
+  } else if constexpr (A == Act::Silu) {
+    return z / (one + z.neg().exp());
+  } else if constexpr (A == Act::Tanh) {
+    return z.tanh();
+  } else if constexpr (A == Act::Sigmoid) {
+    return one / (one + z.neg().exp());
+  } else {  // Softplus: log(1 + e^z), linear above the threshold as torch does
+    return Vec<T>::blendv(z.exp().log1p(), z, z > Vec<T>(static_cast<T>(kSoftplusThreshold)));
+  }
+}
+
+template <Act A, typename T>
+inline Vec<T> derivative(Vec<T> s, Vec<T> alpha) {
+  const Vec<T> zero(static_cast<T>(0)), one(static_cast<T>(1)), half(static_cast<T>(0.5));
+  if constexpr (A == Act::Linear) {
+    return one;
+  } else if constexpr (A == Act::Relu) {
+    return Vec<T>::blendv(zero, one, s > zero);  // s = y; y > 0 exactly where z > 0
+  } else if constexpr (A == Act::LeakyRelu) {
+    return Vec<T>::blendv(alpha, one, s > zero);  // alpha >= 0 keeps sign(y) = sign(z)
+  } else if constexpr (A == Act::Elu) {
+    return Vec<T>::blendv(s + alpha, one, s > zero);  // alpha * e^z = y + alpha for z <= 0
+  } else if constexpr (A == Act::Selu) {
+    const Vec<T> scale(static_cast<T>(kSeluScale)), sa(static_cast<T>(kSeluScale * kSeluAlpha));
+    return Vec<T>::blendv(s + sa, scale, s > zero);
+  } else if constexpr (A == Act::Gelu) {  // s = z
+    const Vec<T> cdf = half * (one + (s * Vec<T>(static_cast<T>(kSqrtHalf))).erf());
+    const Vec<T> pdf = Vec<T>(static_cast<T>(kInvSqrt2Pi)) * (s * s * Vec<T>(static_cast<T>(-0.5))).exp();
+    return cdf + s * pdf;
+  } else if constexpr (A == Act::GeluTanh) {  // s = z
+    const Vec<T> k(static_cast<T>(kSqrt2OverPi)), c(static_cast<T>(kGeluCoef));
+    const Vec<T> s2 = s * s;
+    const Vec<T> t = (k * (s + c * s2 * s)).tanh();
+    const Vec<T> dinner = k * (one + Vec<T>(static_cast<T>(3 * kGeluCoef)) * s2);
+    return half * (one + t) + half * s * (one - t * t) * dinner;
+  } else if constexpr (A == Act::Silu) {  // s = z
+    const Vec<T> sig = one / (one + s.neg().exp());
+    return sig * (one + s * (one - sig));
+  } else if constexpr (A == Act::Tanh) {
+    return one - s * s;  // s = y
+  } else if constexpr (A == Act::Sigmoid) {
+    return s * (one - s);  // s = y
+  } else {  // Softplus: sigmoid(z) = 1 - e^{-y}
+    return s.neg().expm1().neg();
+  }
+}
+
+}  // namespace densepipe::cpu

@@ -1,0 +1,59 @@
+"""Build-time facts shared by setup.py and the CUDA compile test.
+
+Kept free of torch imports at module level so setup.py can load it before the
+extension exists.
+"""
+
+import glob
+import os
+import site
+import sysconfig
+
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+_AVX2 = {"avx2", "fma"}
+
+
+def cpu_capability() -> str:
+    """The widest ATen vector ISA this CPU supports: AVX512, AVX2 or DEFAULT."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "DEFAULT"
+    have = set(flags)
+    if _AVX512 <= have:
+        return "AVX512"
+    if _AVX2 <= have:
+        return "AVX2"
+    return "DEFAULT"
+
+
+def _site_dirs() -> list[str]:
+    dirs = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit root, as torch finds it, or from nvcc on PATH."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME:
+        return cpp_extension.CUDA_HOME
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
+def cublas_include_dirs() -> list[str]:
+    """Directories holding cublasLt.h: the toolkit's own, pip's nvidia-cublas, or
+    headers unpacked by `make cuda-headers` (the toolkit here ships without them)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    candidates = []
+    home = cuda_home()
+    if home:
+        candidates.append(os.path.join(home, "include"))
+    for d in _site_dirs():
+        candidates += glob.glob(os.path.join(d, "nvidia", "*", "include"))
+    candidates += glob.glob(os.path.join(here, ".venv", "cuda-headers", "nvidia", "*", "include"))
+    return [d for d in candidates if os.path.exists(os.path.join(d, "cublasLt.h"))][:1]

@@ -1,0 +1,84 @@
+"""Activation registry: name -> how the fused kernel runs it and a plain-torch reference.
+
+Names follow Keras / PyTorch. Activations the dense kernel fuses carry
+`fused=True`; the others (softmax, step, ...) run as a plain torch op after a
+fused linear layer.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str                                 # canonical name (the kernel's, when fused)
+    reference: Callable[[Tensor, float], Tensor]  # plain torch: f(z, alpha)
+    fused: bool = True                        # runs inside the dense kernel
+    needs_preact: bool = False                # backward needs z (else it uses y)
+    default_alpha: float = 0.0                # leaky_relu slope / elu saturation
+
+
+def _step(z: Tensor, alpha: float) -> Tensor:
+    # Heaviside step of the classic perceptron; its gradient is zero almost everywhere,
+    # so it is trained with the perceptron rule, not by backpropagation.
+    return (z >= 0).to(z.dtype)
+
+
+_TABLE = [
+    Activation("linear", lambda z, a: z),
+    Activation("relu", lambda z, a: F.relu(z)),
+    Activation("leaky_relu", lambda z, a: F.leaky_relu(z, a), default_alpha=0.01),
+    Activation("elu", lambda z, a: F.elu(z, a), default_alpha=1.0),
+    Activation("selu", lambda z, a: F.selu(z)),
+    Activation("gelu", lambda z, a: F.gelu(z), needs_preact=True),
+    Activation("gelu_tanh", lambda z, a: F.gelu(z, approximate="tanh"), needs_preact=True),
+    Activation("silu", lambda z, a: F.silu(z), needs_preact=True),
+    Activation("tanh", lambda z, a: torch.tanh(z)),
+    Activation("sigmoid", lambda z, a: torch.sigmoid(z)),
+    Activation("softplus", lambda z, a: F.softplus(z)),
+    # Not fused: applied after the kernel's linear output.
+    Activation("softmax", lambda z, a: torch.softmax(z, dim=-1), fused=False),
+    Activation("log_softmax", lambda z, a: torch.log_softmax(z, dim=-1), fused=False),
+    Activation("softsign", lambda z, a: F.softsign(z), fused=False),
+    Activation("relu6", lambda z, a: F.relu6(z), fused=False),
+    Activation("hard_sigmoid", lambda z, a: F.hardsigmoid(z), fused=False),
+    Activation("mish", lambda z, a: F.mish(z), fused=False),
+    Activation("exponential", lambda z, a: torch.exp(z), fused=False),
+    Activation("step", _step, fused=False),
+]
+
+ACTIVATIONS: dict[str, Activation] = {a.name: a for a in _TABLE}
+ALIASES = {
+    "identity": "linear",
+    "none": "linear",
+    "swish": "silu",
+    "gelu_approx": "gelu_tanh",
+    "gelu_approximate": "gelu_tanh",
+    "leakyrelu": "leaky_relu",
+    "logistic": "sigmoid",
+    "heaviside": "step",
+}
+FUSED = tuple(a.name for a in _TABLE if a.fused)
+
+
+def resolve(name: str | None) -> Activation:
+    """Looks a name (or alias) up; raises ValueError naming the allowed ones."""
+    key = "linear" if name is None else str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key in ACTIVATIONS:
+        return ACTIVATIONS[key]
+    known = sorted([*ACTIVATIONS, *ALIASES])
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"unknown activation '{name}'{hint} allowed: {', '.join(sorted(ACTIVATIONS))}")
+
+
+def alpha_for(act: Activation, alpha: float | None) -> float:
+    return act.default_alpha if alpha is None else float(alpha)

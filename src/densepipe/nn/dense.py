@@ -1,0 +1,44 @@
+"""FusedDense: a drop-in for nn.Linear + activation, running the fused kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from densepipe import ops
+from densepipe.nn.activations import alpha_for, resolve
+
+
+class FusedDense(nn.Module):
+    """y = act(x @ W^T + b). `weight` (out, in) and `bias` (out,) have nn.Linear's layout
+    and names, so a state_dict moves between the two unchanged."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str | None = "linear", alpha: float | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.act = resolve(activation)
+        self.alpha = alpha_for(self.act, alpha)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))  # (out, in)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None  # (out,)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default, so an untouched FusedDense starts where nn.Linear would.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act.fused:
+            return ops.dense(x, self.weight, self.bias, self.act.name, self.alpha)
+        return self.act.reference(ops.dense(x, self.weight, self.bias), self.alpha)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.act.name}")

@@ -1,0 +1,66 @@
+"""Python side of the custom ops: loads the extension, registers fake kernels
+(for torch.compile / meta tensors) and autograd, and offers typed wrappers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from densepipe import _C  # noqa: F401  (loads the library: runs TORCH_LIBRARY registrations)
+from densepipe.nn.activations import ACTIVATIONS
+
+_ops = torch.ops.densepipe
+
+
+def _needs_preact(activation: str) -> bool:
+    spec = ACTIVATIONS.get(activation)
+    return spec is not None and spec.needs_preact
+
+
+# ---------------------------------------------------------------- dense + activation
+@torch.library.register_fake("densepipe::dense_forward")
+def _dense_forward_fake(x, weight, bias, activation, alpha):
+    torch._check(weight.dim() == 2, lambda: "densepipe dense: weight must be 2-D")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "densepipe dense: in_features mismatch")
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    preact = torch.empty_like(y) if _needs_preact(activation) else x.new_empty(0)
+    return y, preact
+
+
+@torch.library.register_fake("densepipe::dense_backward")
+def _dense_backward_fake(grad_y, x, weight, saved, activation, alpha, output_mask):
+    dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
+    dw = torch.empty_like(weight) if output_mask[1] else x.new_empty(0)
+    db = x.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
+    return dx, dw, db
+
+
+def _dense_setup_context(ctx, inputs, output):
+    x, weight, bias, activation, alpha = inputs
+    y, preact = output
+    # Keep only what act'(.) needs: z for gelu/silu, otherwise y itself.
+    ctx.save_for_backward(x, weight, preact if _needs_preact(activation) else y)
+    ctx.activation, ctx.alpha, ctx.has_bias = activation, alpha, bias is not None
+    ctx.mark_non_differentiable(preact)
+
+
+def _dense_backward(ctx, grad_y, _grad_preact):
+    x, weight, saved = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = _ops.dense_backward(
+        grad_y, x, weight, saved, ctx.activation, ctx.alpha, [need_x, need_w, need_b and ctx.has_bias]
+    )
+    return (dx if need_x else None, dw if need_w else None,
+            db if need_b and ctx.has_bias else None, None, None)
+
+
+torch.library.register_autograd(
+    "densepipe::dense_forward", _dense_backward, setup_context=_dense_setup_context
+)
+
+
+def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+          activation: str = "linear", alpha: float = 0.0) -> Tensor:
+    """y = act(x @ weight^T + bias) as one fused op; weight is (out, in) like nn.Linear."""
+    y, _ = _ops.dense_forward(x, weight, bias, activation, float(alpha))
+    return y
