@@ -57,3 +57,37 @@ def cublas_include_dirs() -> list[str]:
         candidates += glob.glob(os.path.join(d, "nvidia", "*", "include"))
     candidates += glob.glob(os.path.join(here, ".venv", "cuda-headers", "nvidia", "*", "include"))
     return [d for d in candidates if os.path.exists(os.path.join(d, "cublasLt.h"))][:1]
+
+
+# The CPU build of torch ships the c10/cuda headers but not this generated one;
+# for compile-only checks of our CUDA sources we supply its one line.
+_CUDA_CMAKE_MACROS = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
+
+
+def nvcc_compile_command(source: str, obj: str, shim_dir: str, arch: str = "90") -> list[str] | None:
+    """An nvcc command that compiles one of our .cu files to an object file the way
+    the CUDA extension build does, or None when nvcc or the cuBLASLt headers are
+    missing. Writes the shim header under shim_dir."""
+    import shutil
+
+    import torch.utils.cpp_extension as ce
+
+    nvcc = shutil.which("nvcc") or (os.path.join(cuda_home(), "bin", "nvcc") if cuda_home() else None)
+    cublas = cublas_include_dirs()
+    if not nvcc or not os.path.exists(nvcc) or not cublas:
+        return None
+    shim = os.path.join(shim_dir, "c10", "cuda", "impl")
+    os.makedirs(shim, exist_ok=True)
+    header = os.path.join(shim, "cuda_cmake_macros.h")
+    if not os.path.exists(header):
+        with open(header, "w") as f:
+            f.write(_CUDA_CMAKE_MACROS)
+    includes = [*ce.include_paths(), shim_dir, sysconfig.get_paths()["include"], *cublas]
+    return [
+        nvcc, "-c", source, "-o", obj, "-std=c++20", "-O3", "-DDENSEPIPE_CUDA",
+        "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        *[f"-I{d}" for d in includes],
+    ]
