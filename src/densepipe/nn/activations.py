@@ -7,13 +7,14 @@ fused linear layer.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from densepipe.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -54,30 +55,21 @@ _TABLE = [
     Activation("step", _step, fused=False),
 ]
 
-ACTIVATIONS: dict[str, Activation] = {a.name: a for a in _TABLE}
-ALIASES = {
-    "identity": "linear",
-    "none": "linear",
-    "swish": "silu",
-    "gelu_approx": "gelu_tanh",
-    "gelu_approximate": "gelu_tanh",
-    "leakyrelu": "leaky_relu",
-    "logistic": "sigmoid",
+ACTIVATIONS: Registry[Activation] = Registry("activation")
+for _a in _TABLE:
+    ACTIVATIONS.add(_a.name, _a)
+for _alias, _name in {
+    "identity": "linear", "none": "linear", "swish": "silu", "gelu_approx": "gelu_tanh",
+    "gelu_approximate": "gelu_tanh", "leakyrelu": "leaky_relu", "logistic": "sigmoid",
     "heaviside": "step",
-}
+}.items():
+    ACTIVATIONS.alias(_alias, _name)
 FUSED = tuple(a.name for a in _TABLE if a.fused)
 
 
 def resolve(name: str | None) -> Activation:
     """Looks a name (or alias) up; raises ValueError naming the allowed ones."""
-    key = "linear" if name is None else str(name).strip().lower()
-    key = ALIASES.get(key, key)
-    if key in ACTIVATIONS:
-        return ACTIVATIONS[key]
-    known = sorted([*ACTIVATIONS, *ALIASES])
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"unknown activation '{name}'{hint} allowed: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS["linear" if name is None else name]
 
 
 def alpha_for(act: Activation, alpha: float | None) -> float:

@@ -1,0 +1,139 @@
+"""Layer builders by type: config -> (module, output width).
+
+A builder receives the layer's config, the widths of its inputs and the build
+context (kernel choice, init generator, the width an `auto` output needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from densepipe.nn.activations import alpha_for, resolve
+from densepipe.nn.dense import FusedDense
+from densepipe.nn.initializers import initialize
+from densepipe.registry import Registry
+
+
+@dataclass
+class BuildContext:
+    kernels: str                       # "fused" or "reference"
+    generator: torch.Generator         # seeded: same params -> same initial weights
+    auto_units: int | None = None      # width an output layer gets from the data (units: auto)
+    activation: str | None = None      # an output layer's activation after its head was split off
+
+
+LAYERS: Registry[Callable[..., tuple[nn.Module, int]]] = Registry("layer type")
+
+
+class ReferenceDense(nn.Module):
+    """nn.Linear + activation in plain torch: the `kernels: reference` twin of FusedDense."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, activation: str, alpha: float | None):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.act, self.alpha = resolve(activation), alpha_for(resolve(activation), alpha)
+        self.weight, self.bias = self.linear.weight, self.linear.bias  # same names as FusedDense
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act.reference(self.linear(x), self.alpha)
+
+
+def _single(widths: list[int], kind: str) -> int:
+    if len(widths) != 1:
+        raise ValueError(f"a {kind} layer takes exactly one input, got {len(widths)}")
+    return widths[0]
+
+
+@LAYERS.register("dense")
+def build_dense(cfg, widths: list[int], ctx: BuildContext):
+    in_w = _single(widths, "dense")
+    if cfg.units == "auto":
+        if ctx.auto_units is None:
+            raise ValueError("units: auto is only allowed on a layer that is a model output")
+        units = ctx.auto_units
+    else:
+        units = cfg.units
+    activation = ctx.activation or cfg.activation
+    cls = FusedDense if ctx.kernels == "fused" else ReferenceDense
+    layer = cls(in_w, units, cfg.use_bias, activation, cfg.alpha)
+    initialize(layer.weight, cfg.initializer, ctx.generator)
+    if layer.bias is not None:
+        initialize(layer.bias, cfg.bias_initializer, ctx.generator)
+    layer.l1, layer.l2 = cfg.l1, cfg.l2  # kernel penalties, summed by DenseModel.penalty()
+    return layer, units
+
+
+class Activation(nn.Module):
+    def __init__(self, name: str, alpha: float | None):
+        super().__init__()
+        self.act = resolve(name)
+        self.alpha = alpha_for(self.act, alpha)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act.reference(x, self.alpha)
+
+    def extra_repr(self) -> str:
+        return self.act.name
+
+
+@LAYERS.register("activation")
+def build_activation(cfg, widths, ctx):
+    name = ctx.activation or cfg.activation
+    return Activation(name, cfg.alpha), _single(widths, "activation")
+
+
+@LAYERS.register("dropout")
+def build_dropout(cfg, widths, ctx):
+    return nn.Dropout(cfg.rate), _single(widths, "dropout")
+
+
+@LAYERS.register("batchnorm", "batch_normalization")
+def build_batchnorm(cfg, widths, ctx):
+    w = _single(widths, "batchnorm")
+    # Keras' momentum m keeps m of the running value; torch's momentum is the new batch's share.
+    return nn.BatchNorm1d(w, eps=cfg.epsilon, momentum=1.0 - cfg.momentum), w
+
+
+class GaussianNoise(nn.Module):
+    """Adds N(0, stddev^2) noise while training; the identity at inference."""
+
+    def __init__(self, stddev: float):
+        super().__init__()
+        self.stddev = stddev
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.stddev * torch.randn_like(x) if self.training else x
+
+
+@LAYERS.register("gaussian_noise")
+def build_noise(cfg, widths, ctx):
+    return GaussianNoise(cfg.stddev), _single(widths, "gaussian_noise")
+
+
+class Concatenate(nn.Module):
+    def forward(self, *xs: Tensor) -> Tensor:
+        return torch.cat(xs, dim=-1)
+
+
+class Add(nn.Module):
+    def forward(self, *xs: Tensor) -> Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+
+@LAYERS.register("concatenate", "concat")
+def build_concatenate(cfg, widths, ctx):
+    return Concatenate(), sum(widths)
+
+
+@LAYERS.register("add")
+def build_add(cfg, widths, ctx):
+    if len(set(widths)) != 1:
+        raise ValueError(f"an add layer needs inputs of one width, got {widths}")
+    return Add(), widths[0]

@@ -1,0 +1,144 @@
+"""Loss functions by name. Each maps (raw, target, head) to a per-sample loss (N,).
+
+`raw` is the output layer's value *before* its head activation (sigmoid,
+softmax, step); `head` names that activation. Classification losses work on the
+logits where the head allows it (log-sum-exp stable, as Keras' from_logits=True),
+or on probabilities when the user sets from_logits: false.
+Class and sample weights are applied by `weighted_mean`, outside the losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from densepipe.registry import Registry
+
+LOSSES: Registry[Callable[..., Tensor]] = Registry("loss")
+_EPS = 1e-7  # probability clamp, Keras' epsilon
+
+
+def _flat(raw: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    target = target.to(raw.dtype).reshape(raw.shape)
+    return raw.reshape(raw.shape[0], -1), target.reshape(raw.shape[0], -1)
+
+
+def _probs(raw: Tensor, head: str) -> Tensor:
+    if head == "sigmoid":
+        return torch.sigmoid(raw)
+    if head == "softmax":
+        return torch.softmax(raw, dim=-1)
+    return raw
+
+
+def _uses_logits(head: str, from_logits) -> bool:
+    # auto: sigmoid/softmax/linear heads all give logits; only an explicit
+    # from_logits: false reads the head's output as probabilities.
+    return from_logits in (None, "auto", True)
+
+
+@LOSSES.register("mse", "mean_squared_error")
+def mse(raw, target, head="linear"):
+    p, t = _flat(_probs(raw, head), target)
+    return ((p - t) ** 2).mean(dim=1)
+
+
+@LOSSES.register("mae", "mean_absolute_error")
+def mae(raw, target, head="linear"):
+    p, t = _flat(_probs(raw, head), target)
+    return (p - t).abs().mean(dim=1)
+
+
+@LOSSES.register("huber", "smooth_l1")
+def huber(raw, target, head="linear", delta: float = 1.0):
+    p, t = _flat(_probs(raw, head), target)
+    return F.huber_loss(p, t, reduction="none", delta=delta).mean(dim=1)
+
+
+@LOSSES.register("log_cosh", "logcosh")
+def log_cosh(raw, target, head="linear"):
+    p, t = _flat(_probs(raw, head), target)
+    d = p - t
+    # log(cosh(d)) = |d| + log1p(exp(-2|d|)) - log 2, stable for large |d|
+    return (d.abs() + torch.log1p(torch.exp(-2 * d.abs())) - math.log(2.0)).mean(dim=1)
+
+
+@LOSSES.register("binary_crossentropy", "bce", "binary_cross_entropy")
+def binary_crossentropy(raw, target, head="sigmoid", from_logits="auto", label_smoothing: float = 0.0):
+    z, t = _flat(raw, target)
+    t = t * (1 - label_smoothing) + 0.5 * label_smoothing
+    if _uses_logits(head, from_logits):
+        return F.binary_cross_entropy_with_logits(z, t, reduction="none").mean(dim=1)
+    p = _probs(z, head).clamp(_EPS, 1 - _EPS)
+    return F.binary_cross_entropy(p, t, reduction="none").mean(dim=1)
+
+
+def _log_probs(raw: Tensor, head: str, from_logits) -> Tensor:
+    if _uses_logits(head, from_logits):
+        return torch.log_softmax(raw, dim=-1)
+    p = _probs(raw, head)
+    return torch.log((p / p.sum(dim=-1, keepdim=True)).clamp_min(_EPS))
+
+
+def _one_hot(target: Tensor, n: int, dtype) -> Tensor:
+    if target.dtype.is_floating_point and target.dim() == 2 and target.shape[1] == n:
+        return target.to(dtype)  # already a distribution / one-hot
+    return F.one_hot(target.reshape(-1).long(), n).to(dtype)
+
+
+@LOSSES.register("categorical_crossentropy", "cce", "cross_entropy")
+def categorical_crossentropy(raw, target, head="softmax", from_logits="auto", label_smoothing: float = 0.0):
+    n = raw.shape[-1]
+    t = _one_hot(target, n, raw.dtype)
+    t = t * (1 - label_smoothing) + label_smoothing / n
+    return -(t * _log_probs(raw, head, from_logits)).sum(dim=-1)
+
+
+@LOSSES.register("sparse_categorical_crossentropy", "scce")
+def sparse_categorical_crossentropy(raw, target, head="softmax", from_logits="auto"):
+    logp = _log_probs(raw, head, from_logits)
+    return -logp.gather(1, target.reshape(-1, 1).long()).squeeze(1)
+
+
+def _signed(target: Tensor, dtype) -> Tensor:
+    t = target.to(dtype)
+    return torch.where(t <= 0, -torch.ones_like(t), torch.ones_like(t))  # {0,1} or {-1,1} -> {-1,1}
+
+
+@LOSSES.register("hinge")
+def hinge(raw, target, head="linear"):
+    z, t = _flat(raw, target)
+    return F.relu(1 - _signed(t, z.dtype) * z).mean(dim=1)
+
+
+@LOSSES.register("squared_hinge")
+def squared_hinge(raw, target, head="linear"):
+    z, t = _flat(raw, target)
+    return (F.relu(1 - _signed(t, z.dtype) * z) ** 2).mean(dim=1)
+
+
+@LOSSES.register("perceptron")
+def perceptron(raw, target, head="step"):
+    # Rosenblatt's criterion: SGD on max(0, -y z) is the perceptron update rule.
+    z, t = _flat(raw, target)
+    return F.relu(-_signed(t, z.dtype) * z).mean(dim=1)
+
+
+@LOSSES.register("kl_divergence", "kld", "kullback_leibler_divergence")
+def kl_divergence(raw, target, head="softmax", from_logits="auto"):
+    t = _one_hot(target, raw.shape[-1], raw.dtype).clamp(_EPS, 1)
+    return (t * (t.log() - _log_probs(raw, head, from_logits))).sum(dim=-1)
+
+
+def weighted_mean(per_sample: Tensor, weight: Tensor | None) -> Tensor:
+    """Keras' sum_over_batch_size: mean over the batch of weight * loss."""
+    return per_sample.mean() if weight is None else (per_sample * weight).mean()
+
+
+def loss_fn(name: str, **params) -> Callable[[Tensor, Tensor, str], Tensor]:
+    fn = LOSSES[name]
+    return lambda raw, target, head: fn(raw, target, head, **params)

@@ -1,0 +1,202 @@
+"""Builds a model from the `model` section: a graph of named layers (a plain list
+is the Sequential special case), named inputs, and one head per output.
+
+An output's head activation (sigmoid, softmax, step) is split off its last
+layer: the network returns logits, losses read them (stable log-sum-exp), and
+`predict` applies the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from densepipe.nn.activations import resolve
+from densepipe.nn.layers import LAYERS, BuildContext
+from densepipe.nn.losses import LOSSES
+
+HEAD_ACTIVATIONS = ("sigmoid", "softmax", "step")
+AUTO_ACTIVATION = {"binary": "sigmoid", "multiclass": "softmax", "regression": "linear",
+                   "reconstruction": "linear"}
+AUTO_LOSS = {"binary": "binary_crossentropy", "multiclass": "sparse_categorical_crossentropy",
+             "regression": "mse", "reconstruction": "mse"}
+CLASSIFICATION_LOSSES = {"binary_crossentropy", "categorical_crossentropy",
+                         "sparse_categorical_crossentropy", "hinge", "squared_hinge", "perceptron",
+                         "kl_divergence"}
+
+
+@dataclass
+class TargetSpec:
+    task: str                         # binary | multiclass | regression | reconstruction
+    width: int                        # classes (multiclass), 1 (binary) or value dims
+    classes: list | None = None       # original labels, for decoding predictions
+
+
+@dataclass
+class DataSpec:
+    inputs: dict[str, int]            # input name -> feature width
+    targets: dict[str, TargetSpec]    # target name -> what it holds
+
+
+@dataclass
+class Head:
+    node: str                         # graph node producing the logits / values
+    target: str
+    task: str
+    activation: str                   # applied by predict(); losses see the raw values
+    loss: str
+    loss_params: dict = field(default_factory=dict)
+    weight: float = 1.0
+    metrics: list[str] = field(default_factory=list)
+
+    def apply(self, raw: Tensor) -> Tensor:
+        return resolve(self.activation).reference(raw, 0.0)
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str
+    inputs: list[str]
+    width: int
+
+
+class DenseModel(nn.Module):
+    def __init__(self, nodes: list[Node], modules: dict[str, nn.Module], heads: dict[str, Head],
+                 input_widths: dict[str, int]):
+        super().__init__()
+        self.nodes, self.heads, self.input_widths = nodes, heads, input_widths
+        self.layers = nn.ModuleDict(modules)
+        self._outputs = {h.node for h in heads.values()}
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Raw outputs (before head activations), keyed by output name."""
+        env = dict(inputs)
+        for node in self.nodes:
+            env[node.name] = self.layers[node.name](*(env[i] for i in node.inputs))
+        return {name: env[h.node] for name, h in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        raw = self(inputs)
+        return {name: self.heads[name].apply(r) for name, r in raw.items()}
+
+    def penalty(self) -> Tensor | None:
+        """Sum of the dense kernels' L1/L2 penalties (None when there are none)."""
+        total = None
+        for m in self.layers.values():
+            l1, l2 = getattr(m, "l1", 0.0), getattr(m, "l2", 0.0)
+            if l1 or l2:
+                term = l1 * m.weight.abs().sum() + l2 * (m.weight ** 2).sum()
+                total = term if total is None else total + term
+        return total
+
+    def dense_layers(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.layers.items() if hasattr(m, "weight") and m.weight.dim() == 2}
+
+    def summary(self) -> list[dict]:
+        rows = []
+        for node in self.nodes:
+            params = sum(p.numel() for p in self.layers[node.name].parameters())
+            rows.append({"layer": node.name, "type": node.kind, "inputs": ", ".join(node.inputs),
+                         "output_shape": f"(None, {node.width})", "params": params})
+        return rows
+
+
+def _resolve_outputs(model_cfg, train_cfg, spec: DataSpec, last: str) -> dict[str, dict]:
+    """Which node feeds which target, with what loss, weight and metrics."""
+    if model_cfg.outputs:
+        declared = model_cfg.outputs
+    else:
+        if len(spec.targets) != 1:
+            raise ValueError(f"the data has {len(spec.targets)} targets ({', '.join(spec.targets)}); "
+                             "declare model.outputs to map each one to a layer")
+        from densepipe.config import OutputConfig
+        declared = {last: OutputConfig(loss=train_cfg.loss, metrics=[m for m in train_cfg.metrics
+                                                                    if m != "auto"])}
+    out = {}
+    for node, ocfg in declared.items():
+        target = ocfg.target or (next(iter(spec.targets)) if len(spec.targets) == 1 else node)
+        if target not in spec.targets:
+            raise ValueError(f"model.outputs.{node}.target '{target}' is not a target of the data; "
+                             f"targets: {', '.join(spec.targets)}")
+        out[node] = {"target": target, "cfg": ocfg}
+    return out
+
+
+def build_model(model_cfg, train_cfg, spec: DataSpec, seed: int = 0) -> DenseModel:
+    """model_cfg: config.ModelConfig; train_cfg: config.TrainConfig (default loss / metrics)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_names = list(spec.inputs)
+    names = [layer.name or f"{layer.type}_{i + 1}" for i, layer in enumerate(model_cfg.layers)]
+    outputs = _resolve_outputs(model_cfg, train_cfg, spec, names[-1])
+    unknown = [n for n in outputs if n not in names]
+    if unknown:
+        raise ValueError(f"model.outputs names {unknown}, which are not layers; layers: {', '.join(names)}")
+
+    widths, nodes, modules, heads = dict(spec.inputs), [], {}, {}
+    prev = input_names[0] if len(input_names) == 1 else None
+    for i, (layer, name) in enumerate(zip(model_cfg.layers, names)):
+        srcs = layer.inputs or ([prev] if prev else None)
+        where = f"model.layers[{i}] ({name})"
+        if not srcs:
+            raise ValueError(f"{where}: say which inputs feed it (inputs: [...]); "
+                             f"model inputs: {', '.join(input_names)}")
+        missing = [s for s in srcs if s not in widths]
+        if missing:
+            raise ValueError(f"{where}: inputs {missing} are not defined before it; known: {', '.join(widths)}")
+        ctx = BuildContext(kernels=model_cfg.kernels, generator=generator)
+        head_act = None
+        if name in outputs:
+            target = spec.targets[outputs[name]["target"]]
+            ctx.auto_units = target.width
+            act = getattr(layer, "activation", None)
+            act = AUTO_ACTIVATION[target.task] if act == "auto" else act
+            if act in HEAD_ACTIVATIONS:
+                head_act, ctx.activation = act, "linear"
+            elif act is not None:
+                ctx.activation = act
+        elif getattr(layer, "activation", None) == "auto":
+            raise ValueError(f"{where}: activation: auto is only allowed on a model output")
+        try:
+            module, width = LAYERS[layer.type](layer, [widths[s] for s in srcs], ctx)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        widths[name] = width
+        nodes.append(Node(name, layer.type, list(srcs), width))
+        modules[name] = module
+        prev = name
+        if name in outputs:
+            heads[name] = _make_head(name, outputs[name], spec, head_act or "linear", width, train_cfg)
+    return DenseModel(nodes, modules, {_output_key(h, model_cfg): h for h in heads.values()}, spec.inputs)
+
+
+def _output_key(head: Head, model_cfg) -> str:
+    # Single-output models name their output after the target (e.g. "target").
+    return head.node if model_cfg.outputs else head.target
+
+
+def _make_head(node: str, out: dict, spec: DataSpec, activation: str, width: int, train_cfg) -> Head:
+    ocfg, target = out["cfg"], spec.targets[out["target"]]
+    two_class_softmax = target.task == "binary" and width == 2
+    if width != target.width and not two_class_softmax:
+        raise ValueError(f"output '{node}' has {width} units but target '{out['target']}' needs "
+                         f"{target.width} ({target.task}); use units: auto")
+    loss = ocfg.loss
+    if loss == "auto":
+        loss = "perceptron" if activation == "step" else AUTO_LOSS[target.task]
+    name, params = (loss, {}) if isinstance(loss, str) else (loss["name"], {k: v for k, v in loss.items()
+                                                                          if k != "name"})
+    name = LOSSES.canonical(name)
+    if target.task in ("regression", "reconstruction") and name in CLASSIFICATION_LOSSES:
+        raise ValueError(f"loss '{name}' needs class labels but target '{out['target']}' is {target.task}")
+    metrics = list(ocfg.metrics) or _default_metrics(target.task, train_cfg)
+    return Head(node, out["target"], target.task, activation, name, params, ocfg.weight, metrics)
+
+
+def _default_metrics(task: str, train_cfg) -> list[str]:
+    from densepipe.metrics import DEFAULT_METRICS
+    explicit = [m for m in train_cfg.metrics if m != "auto"]
+    return explicit or DEFAULT_METRICS.get(task, ["mae"])

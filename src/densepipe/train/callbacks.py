@@ -1,0 +1,289 @@
+"""Callbacks declared in YAML (Keras names and semantics).
+
+Each callback has a pydantic model of its arguments (checked when params.yaml
+is validated) and hooks the trainer calls once per epoch. Learning-rate
+schedules are callbacks that contribute a multiplicative factor to the base lr,
+so several compose (warm-up then cosine) and their state is a few numbers that
+a resume checkpoint can carry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from densepipe.metrics import metric_mode
+from densepipe.registry import Registry
+
+CALLBACKS: Registry[tuple[type[BaseModel], type]] = Registry("callback")
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Callback:
+    """Hooks; `trainer` exposes .model, .stop, .epochs, .save_best(epoch, logs), .log(msg)."""
+
+    def __init__(self, args: Args):
+        self.args = args
+
+    def on_train_begin(self, trainer) -> None: ...
+    def on_epoch_end(self, trainer, epoch: int, logs: dict) -> None: ...
+    def on_train_end(self, trainer) -> None: ...
+
+    def lr_factor(self, epoch: int) -> float:
+        return 1.0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class _Monitor:
+    """Tracks the best value of a monitored log entry ('val_loss', 'val_accuracy', ...)."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
+        self.monitor = monitor
+        self.mode = metric_mode(monitor) if mode == "auto" else mode
+        self.min_delta = abs(min_delta)
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def value(self, logs: dict) -> float:
+        if self.monitor not in logs:
+            raise KeyError(f"callback monitors '{self.monitor}', which the training logs do not have; "
+                           f"available: {', '.join(sorted(logs))}")
+        return logs[self.monitor]
+
+    def improved(self, value: float, reference: float | None = None) -> bool:
+        ref = self.best if reference is None else reference
+        if self.mode == "min":
+            return value < ref - self.min_delta
+        return value > ref + self.min_delta
+
+
+def register(name: str, *aliases: str):
+    def deco(cls):
+        CALLBACKS.add(name, (cls.Args, cls), aliases)
+        return cls
+    return deco
+
+
+@register("early_stopping", "earlystopping")
+class EarlyStopping(Callback):
+    class Args(Args):
+        monitor: str = "val_loss"
+        min_delta: float = 0.0
+        patience: int = Field(0, ge=0)
+        mode: Literal["auto", "min", "max"] = "auto"
+        baseline: float | None = None
+        restore_best_weights: bool = False
+        start_from_epoch: int = Field(0, ge=0)
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.mon = _Monitor(args.monitor, args.mode, args.min_delta)
+        self.wait, self.best_epoch, self.stopped_epoch = 0, -1, -1
+        self.best_weights = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch < self.args.start_from_epoch:
+            return
+        value = self.mon.value(logs)
+        if self.best_weights is None and self.args.restore_best_weights:
+            self.best_weights = trainer.weights_copy()  # the first monitored epoch is the first best
+        self.wait += 1
+        if self.mon.improved(value):
+            self.mon.best, self.best_epoch = value, epoch
+            if self.args.restore_best_weights:
+                self.best_weights = trainer.weights_copy()
+            # Only a value that beats the baseline too restarts the patience count.
+            if self.args.baseline is None or self.mon.improved(value, self.args.baseline):
+                self.wait = 0
+            return
+        if self.wait >= self.args.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            trainer.request_stop(f"early stopping: '{self.args.monitor}' did not improve for "
+                                 f"{self.wait} epoch(s); best {self.mon.best:.6g} at epoch {self.best_epoch + 1}")
+
+    def on_train_end(self, trainer):
+        if self.args.restore_best_weights and self.best_weights is not None:
+            trainer.load_weights(self.best_weights)
+            trainer.log(f"restored the weights of epoch {self.best_epoch + 1} (best '{self.args.monitor}')")
+
+    def state_dict(self):
+        return {"wait": self.wait, "best_epoch": self.best_epoch, "best": self.mon.best,
+                "best_weights": self.best_weights}
+
+    def load_state_dict(self, state):
+        self.wait, self.best_epoch, self.mon.best = state["wait"], state["best_epoch"], state["best"]
+        self.best_weights = state["best_weights"]
+
+
+@register("model_checkpoint", "modelcheckpoint", "checkpoint")
+class ModelCheckpoint(Callback):
+    """Saves the model file after an epoch: every epoch, or only when `monitor` improves."""
+
+    class Args(Args):
+        monitor: str = "val_loss"
+        mode: Literal["auto", "min", "max"] = "auto"
+        save_best_only: bool = True
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.mon = _Monitor(args.monitor, args.mode)
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.args.save_best_only:
+            value = self.mon.value(logs)
+            if not self.mon.improved(value):
+                return
+            self.mon.best = value
+        trainer.save_model(epoch)
+
+    def state_dict(self):
+        return {"best": self.mon.best}
+
+    def load_state_dict(self, state):
+        self.mon.best = state["best"]
+
+
+@register("terminate_on_nan", "terminateonnan")
+class TerminateOnNaN(Callback):
+    """With it, a non-finite loss ends training quietly with the last good weights
+    (Keras' TerminateOnNaN); without it, divergence is an error."""
+
+    class Args(Args):
+        pass
+
+
+# ------------------------------------------------------------------- lr schedules
+class _Schedule(Callback):
+    def lr_factor(self, epoch: int) -> float:
+        raise NotImplementedError
+
+
+@register("step_decay", "step_lr", "step")
+class StepDecay(_Schedule):
+    class Args(Args):
+        step_size: int = Field(10, ge=1)   # epochs between decays
+        gamma: float = Field(0.1, gt=0)    # factor per decay
+
+    def lr_factor(self, epoch):
+        return self.args.gamma ** (epoch // self.args.step_size)
+
+
+@register("exponential_decay", "exponential", "exponential_lr")
+class ExponentialDecay(_Schedule):
+    class Args(Args):
+        gamma: float = Field(0.95, gt=0)   # factor per epoch
+
+    def lr_factor(self, epoch):
+        return self.args.gamma ** epoch
+
+
+@register("cosine", "cosine_decay", "cosine_annealing")
+class CosineDecay(_Schedule):
+    class Args(Args):
+        t_max: int | None = Field(None, ge=1)  # epochs of one half-cosine (default: all epochs)
+        min_factor: float = Field(0.0, ge=0, le=1)  # floor, as a fraction of the base lr
+        warmup_epochs: int = Field(0, ge=0)    # the cosine starts after these
+
+    def on_train_begin(self, trainer):
+        self.t_max = self.args.t_max or max(1, trainer.epochs - self.args.warmup_epochs)
+
+    def lr_factor(self, epoch):
+        t = min(max(epoch - self.args.warmup_epochs, 0), self.t_max)
+        lo = self.args.min_factor
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t / self.t_max))
+
+    def state_dict(self):
+        return {}
+
+
+@register("warmup", "linear_warmup")
+class LinearWarmup(_Schedule):
+    class Args(Args):
+        warmup_epochs: int = Field(5, ge=1)
+        start_factor: float = Field(0.1, gt=0, le=1)
+
+    def lr_factor(self, epoch):
+        frac = min(1.0, epoch / self.args.warmup_epochs)
+        return self.args.start_factor + (1 - self.args.start_factor) * frac
+
+
+@register("reduce_on_plateau", "reducelronplateau", "reduce_lr_on_plateau")
+class ReduceOnPlateau(_Schedule):
+    class Args(Args):
+        monitor: str = "val_loss"
+        factor: float = Field(0.1, gt=0, lt=1)
+        patience: int = Field(10, ge=0)
+        mode: Literal["auto", "min", "max"] = "auto"
+        min_delta: float = Field(1e-4, ge=0)
+        cooldown: int = Field(0, ge=0)
+        min_lr: float = Field(0.0, ge=0)
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.mon = _Monitor(args.monitor, args.mode, args.min_delta)
+        self.wait, self.cooldown_left, self.factor = 0, 0, 1.0
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        value = self.mon.value(logs)
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.wait = 0
+        if self.mon.improved(value):
+            self.mon.best, self.wait = value, 0
+        elif self.cooldown_left == 0:
+            self.wait += 1
+            if self.wait >= self.args.patience:
+                floor = self.args.min_lr / trainer.base_lr
+                new = max(self.factor * self.args.factor, floor)
+                if new < self.factor:
+                    self.factor = new
+                    trainer.log(f"reduce on plateau: lr -> {trainer.base_lr * new:.3g}")
+                self.cooldown_left, self.wait = self.args.cooldown, 0
+
+    def lr_factor(self, epoch):
+        return self.factor
+
+    def state_dict(self):
+        return {"wait": self.wait, "cooldown_left": self.cooldown_left, "factor": self.factor,
+                "best": self.mon.best}
+
+    def load_state_dict(self, state):
+        self.wait, self.cooldown_left = state["wait"], state["cooldown_left"]
+        self.factor, self.mon.best = state["factor"], state["best"]
+
+
+# ---------------------------------------------------------------------- helpers
+def check_callback_args(name: str, args: dict) -> None:
+    """Validates a callback's arguments; raises ValueError naming the bad one."""
+    model, _ = CALLBACKS[name]
+    try:
+        model.model_validate(args)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                from densepipe.registry import did_you_mean
+                allowed = list(model.model_fields)
+                parts.append(f"unknown argument '{key}'{did_you_mean(key, allowed)}; "
+                             f"allowed: {', '.join(allowed) or '(none)'}")
+            else:
+                parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        raise ValueError(f"callback {name}: " + "; ".join(parts)) from None
+
+
+def build_callbacks(configs) -> list[Callback]:
+    out = []
+    for cfg in configs:
+        model, cls = CALLBACKS[cfg.type]
+        out.append(cls(model.model_validate(cfg.model_extra or {})))
+    return out

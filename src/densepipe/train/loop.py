@@ -1,0 +1,267 @@
+"""The training loop: mini-batches from tensors already on the device, one
+permutation per epoch, one host sync per epoch, reused batch buffers.
+
+Diverging training (a non-finite loss) is noticed at the epoch's sync: the
+first bad batch is tracked on the device, the weights of the last good epoch are
+put back, and the user is told which epoch and batch went wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from densepipe.metrics import METRICS
+from densepipe.nn.losses import LOSSES, weighted_mean
+from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
+from densepipe.train.history import History
+from densepipe.train.optimizers import build_optimizer
+from densepipe.train.progress import make_progress
+
+EVAL_CHUNK = 8192  # rows per forward pass when scoring a whole split
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+@dataclass
+class Split:
+    inputs: dict[str, Tensor]     # input name -> (N, features)
+    targets: dict[str, Tensor]    # target name -> (N,) class ids or (N, d) values
+
+    @property
+    def n(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+    def to(self, device) -> Split:
+        return Split({k: v.to(device) for k, v in self.inputs.items()},
+                     {k: v.to(device) for k, v in self.targets.items()})
+
+
+class Trainer:
+    def __init__(self, model, cfg, *, seed: int = 0, class_weights: dict[str, Tensor] | None = None,
+                 save_model=None, save_checkpoint=None, log=print):
+        """cfg: config.TrainConfig. save_model(epoch) writes the model file (checkpoint
+        callback); save_checkpoint(state) writes the resume checkpoint."""
+        self.cfg, self.model, self.seed = cfg, model, seed
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if cfg.device == "auto" else cfg.device))
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+        self.base_lr = cfg.optimizer.lr
+        self.callbacks = build_callbacks(cfg.callbacks)
+        self.class_weights = {k: v.to(self.device) for k, v in (class_weights or {}).items()}
+        self._save_model, self._save_checkpoint, self.log = save_model, save_checkpoint, log
+        self.history = History()
+        self.epochs, self.start_epoch = cfg.epochs, 0
+        self.stop, self.stop_reason = False, None
+        self.shuffle_gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.dense_names = list(model.dense_layers())
+
+    # ------------------------------------------------------------ callback services
+    def request_stop(self, reason: str) -> None:
+        self.stop, self.stop_reason = True, reason
+
+    def weights_copy(self) -> dict:
+        return copy.deepcopy(self.model.state_dict())
+
+    def load_weights(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+    def save_model(self, epoch: int) -> None:
+        if self._save_model is not None:
+            self._save_model(epoch)
+
+    # -------------------------------------------------------------------- resume
+    def state_dict(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,  # epochs completed
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "history": self.history.records,
+            "torch_rng": torch.get_rng_state(),
+            "shuffle_rng": self.shuffle_gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for cb, s in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+        self.history.records = list(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+        self.shuffle_gen.set_state(state["shuffle_rng"])
+        self.start_epoch = int(state["epoch"])
+
+    # ------------------------------------------------------------------- losses
+    def _losses(self, raw: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        parts, total = [], None
+        for name, head in self.model.heads.items():
+            target = targets[head.target]
+            per_sample = LOSSES[head.loss](raw[name], target, head.activation, **head.loss_params)
+            table = self.class_weights.get(head.target)
+            weight = table[target.reshape(-1).long()] if table is not None else None
+            part = weighted_mean(per_sample, weight)
+            parts.append(part)
+            total = head.weight * part if total is None else total + head.weight * part
+        return total, parts
+
+    def _metric_stats(self, raw, targets) -> list[Tensor]:
+        out = []
+        for name, head in self.model.heads.items():
+            pred = head.apply(raw[name].detach())
+            out += [METRICS[m].stats(pred, targets[head.target]) for m in head.metrics]
+        return out
+
+    def _log_names(self) -> list[tuple[str, str, str]]:
+        """(log key, output name, metric) for every metric, Keras-style prefixes when several outputs."""
+        many = len(self.model.heads) > 1
+        return [(f"{name}_{m}" if many else m, name, m)
+                for name, head in self.model.heads.items() for m in head.metrics]
+
+    def _finish(self, stats: list[Tensor]) -> list[Tensor]:
+        names = self._log_names()
+        return [METRICS[m].finish(s) for (_, _, m), s in zip(names, stats)]
+
+    # --------------------------------------------------------------------- epochs
+    def _batches(self, n: int, bs: int):
+        perm = (torch.randperm(n, generator=self.shuffle_gen, device=self.device) if self.cfg.shuffle
+                else torch.arange(n, device=self.device))
+        for b, start in enumerate(range(0, n, bs)):
+            yield b, perm[start:start + bs]
+
+    def _train_epoch(self, data: Split, buffers: dict[str, Tensor]):
+        self.model.train()
+        dev, bs = self.device, self.cfg.batch_size
+        n_out = len(self.model.heads)
+        loss_sum = torch.zeros(n_out + 1, device=dev, dtype=torch.float64)
+        stats = None
+        grad_sq = torch.zeros(len(self.dense_names), device=dev, dtype=torch.float64)
+        first_bad = torch.full((), -1, device=dev, dtype=torch.long)
+        dense = [self.model.layers[n].weight for n in self.dense_names]
+        batches = 0
+        for b, idx in self._batches(data.n, bs):
+            rows = idx.numel()
+            xb = {k: torch.index_select(v, 0, idx, out=buffers[k][:rows]) for k, v in data.inputs.items()}
+            yb = {k: v.index_select(0, idx) for k, v in data.targets.items()}
+            raw = self.model(xb)
+            total, parts = self._losses(raw, yb)
+            penalty = self.model.penalty()
+            objective = total if penalty is None else total + penalty
+            self.optimizer.zero_grad(set_to_none=False)
+            objective.backward()
+            self._clip()
+            self.optimizer.step()
+            with torch.no_grad():
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(objective),
+                                        torch.full_like(first_bad, b), first_bad)
+                loss_sum += torch.stack([total, *parts]).double() * rows
+                s = self._metric_stats(raw, yb)
+                stats = s if stats is None else [a + c for a, c in zip(stats, s)]
+                if dense:
+                    grads = [w.grad for w in dense]
+                    grad_sq += torch.stack(torch._foreach_norm(grads)).double() ** 2
+            batches += 1
+        return loss_sum / data.n, stats or [], (grad_sq / max(batches, 1)).sqrt(), first_bad
+
+    def _clip(self) -> None:
+        from densepipe.optim import clip_grad_norm_, clip_grad_value_
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.clip.value is not None:
+            clip_grad_value_(params, self.cfg.clip.value)
+        if self.cfg.clip.norm is not None:
+            clip_grad_norm_(params, self.cfg.clip.norm)
+
+    @torch.no_grad()
+    def evaluate(self, data: Split) -> tuple[Tensor, list[Tensor]]:
+        """Loss per output (and total) and metric values on a whole split: one pass, no sync."""
+        self.model.eval()
+        n_out = len(self.model.heads)
+        loss_sum = torch.zeros(n_out + 1, device=self.device, dtype=torch.float64)
+        stats = None
+        for start in range(0, data.n, EVAL_CHUNK):
+            xb = {k: v[start:start + EVAL_CHUNK] for k, v in data.inputs.items()}
+            yb = {k: v[start:start + EVAL_CHUNK] for k, v in data.targets.items()}
+            raw = self.model(xb)
+            total, parts = self._losses(raw, yb)
+            loss_sum += torch.stack([total, *parts]).double() * next(iter(xb.values())).shape[0]
+            s = self._metric_stats(raw, yb)
+            stats = s if stats is None else [a + c for a, c in zip(stats, s)]
+        return loss_sum / data.n, self._finish(stats or [])
+
+    def _logs(self, prefix: str, losses: list[float], metrics: list[float]) -> dict:
+        logs = {f"{prefix}loss": losses[0]}
+        if len(self.model.heads) > 1:
+            logs.update({f"{prefix}{name}_loss": v for name, v in zip(self.model.heads, losses[1:])})
+        logs.update({f"{prefix}{key}": v for (key, _, _), v in zip(self._log_names(), metrics)})
+        return logs
+
+    # ------------------------------------------------------------------------ fit
+    def fit(self, train: Split, val: Split | None = None) -> History:
+        train = train.to(self.device)
+        val = val.to(self.device) if val is not None and val.n > 0 else None
+        bs = self.cfg.batch_size
+        buffers = {k: torch.empty((min(bs, train.n), *v.shape[1:]), dtype=v.dtype, device=self.device)
+                   for k, v in train.inputs.items()}
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        terminate_quietly = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
+        last_good = self.weights_copy()
+        progress = make_progress(self.cfg.progress, self.epochs, self.log)
+        for epoch in range(self.start_epoch, self.epochs):
+            lr = self.base_lr
+            for cb in self.callbacks:
+                lr *= cb.lr_factor(epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            losses, stats, grad_norms, first_bad = self._train_epoch(train, buffers)
+            metrics = self._finish(stats)
+            val_losses, val_metrics = self.evaluate(val) if val is not None else (None, [])
+            # The epoch's one host sync: everything above stayed on the device.
+            flat = torch.cat([losses, *[m.reshape(1).double() for m in metrics], grad_norms,
+                              first_bad.reshape(1).double(),
+                              *([val_losses, *[m.reshape(1).double() for m in val_metrics]]
+                                if val is not None else [])]).tolist()
+            seconds = time.perf_counter() - t0
+            k = len(losses)
+            logs = self._logs("", flat[:k], flat[k:k + len(metrics)])
+            pos = k + len(metrics)
+            norms, bad = flat[pos:pos + len(grad_norms)], int(flat[pos + len(grad_norms)])
+            pos += len(grad_norms) + 1
+            if val is not None:
+                logs.update(self._logs("val_", flat[pos:pos + k], flat[pos + k:]))
+            if bad >= 0:
+                self.load_weights(last_good)
+                msg = (f"training diverged: the loss became NaN/inf at epoch {epoch + 1}, batch {bad + 1}; "
+                       f"the weights of the last good epoch ({epoch}) were kept. Try a lower learning rate "
+                       f"(train.optimizer.lr, now {lr:.3g}), gradient clipping (train.clip.norm: 1.0), "
+                       f"or scaling the inputs (scale.numeric: standard).")
+                if terminate_quietly:
+                    self.log(msg)
+                    self.stop_reason = msg
+                    break
+                raise DivergenceError(msg)
+            logs.update({"lr": lr, "epoch_seconds": seconds, "samples_per_sec": train.n / seconds})
+            logs.update({f"grad_norm/{n}": v for n, v in zip(self.dense_names, norms)})
+            self.history.append(epoch, logs)
+            progress.epoch(epoch, logs)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, logs)
+            last_good = self.weights_copy()
+            done = self.stop or epoch + 1 == self.epochs
+            if self._save_checkpoint is not None and not done and (epoch + 1) % self.cfg.checkpoint_every == 0:
+                self._save_checkpoint(self.state_dict(epoch + 1))
+            if self.stop:
+                self.log(self.stop_reason)
+                break
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        progress.close()
+        return self.history
