@@ -37,3 +37,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    write_with(path, lambda p: p.write_bytes(data))

@@ -1,0 +1,5 @@
+import sys
+
+from densepipe.cli import main
+
+sys.exit(main())

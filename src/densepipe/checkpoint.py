@@ -1,0 +1,88 @@
+"""Model files and resume checkpoints. Both hold only tensors and plain data
+(config, preprocessor and data spec as JSON strings), so they load with
+torch.load(..., weights_only=True)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from densepipe import config as config_mod
+from densepipe.data.preprocess import Preprocessor
+from densepipe.io import write_with
+from densepipe.nn.model import DataSpec, DenseModel, TargetSpec, build_model
+
+MODEL_FORMAT = "densepipe-model/1"
+RESUME_FORMAT = "densepipe-resume/1"
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def config_hash(cfg: config_mod.Config, *sections: str) -> str:
+    data = config_mod.resolved(cfg)
+    picked = {s: data[s] for s in sections} if sections else data
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_model(path, model: DenseModel, cfg: config_mod.Config, pre: Preprocessor, spec: DataSpec,
+               epoch: int) -> None:
+    blob = {
+        "format": MODEL_FORMAT,
+        "state_dict": _cpu(model.state_dict()),
+        "config": json.dumps(config_mod.resolved(cfg)),
+        "preprocessor": pre.to_json(),
+        "spec": json.dumps(dataclasses.asdict(spec)),
+        "epoch": epoch,
+    }
+    write_with(path, lambda p: torch.save(blob, p))
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: DenseModel
+    config: config_mod.Config
+    preprocessor: Preprocessor
+    spec: DataSpec
+    epoch: int
+
+
+def load_model(path, device: str = "cpu") -> LoadedModel:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    blob = torch.load(path, map_location=device, weights_only=True)
+    if blob.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a densepipe model file")
+    cfg = config_mod.parse(json.loads(blob["config"]))
+    raw = json.loads(blob["spec"])
+    spec = DataSpec(raw["inputs"], {k: TargetSpec(**v) for k, v in raw["targets"].items()})
+    model = build_model(cfg.model, cfg.train, spec, seed=cfg.seed)
+    model.load_state_dict(blob["state_dict"])
+    model.to(device).eval()
+    return LoadedModel(model, cfg, Preprocessor.from_json(blob["preprocessor"]), spec, blob["epoch"])
+
+
+def save_resume(path, state: dict, key: str) -> None:
+    blob = {"format": RESUME_FORMAT, "key": key, **state,
+            "model": _cpu(state["model"])}
+    write_with(path, lambda p: torch.save(blob, p))
+
+
+def load_resume(path, key: str) -> dict | None:
+    """The resume state if `path` holds one for the same config and data, else None."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged checkpoint is not worth failing over: train from scratch
+        return None
+    if blob.get("format") != RESUME_FORMAT or blob.get("key") != key:
+        return None
+    return blob

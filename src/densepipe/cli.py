@@ -1,0 +1,144 @@
+"""`densepipe <command>`: the pipeline stages and the tools around them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from densepipe.registry import Registry
+
+COMMANDS: Registry = Registry("command")
+
+# Stage commands live in densepipe.stages.<name> (add_arguments + run).
+for _stage in ("split", "scale", "train", "evaluate", "report"):
+    COMMANDS.add(_stage, f"densepipe.stages.{_stage}")
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS.add(name, fn)
+        return fn
+    return deco
+
+
+@command("validate")
+def validate(argv):
+    """Check a params file; print nothing else on success."""
+    p = argparse.ArgumentParser(prog="densepipe validate")
+    p.add_argument("params", nargs="?", default="params.yaml")
+    args = p.parse_args(argv)
+    from densepipe.config import load
+    load(args.params)
+    print(f"{args.params}: ok")
+
+
+@command("config")
+def show_config(argv):
+    """Print the params with every default filled in."""
+    p = argparse.ArgumentParser(prog="densepipe config")
+    p.add_argument("params", nargs="?", default="params.yaml")
+    p.add_argument("--resolved", action="store_true", help="fill in defaults (the only mode)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from densepipe.config import load, resolved
+    data = resolved(load(args.params))
+    print(json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False), end="")
+
+
+@command("summary")
+def summary(argv):
+    """A Keras-like table of the model: layer, output shape, parameters."""
+    p = argparse.ArgumentParser(prog="densepipe summary")
+    p.add_argument("params", nargs="?", default="params.yaml")
+    p.add_argument("--data", default="data/processed", help="processed data (for input/output widths)")
+    args = p.parse_args(argv)
+    from densepipe.summary import model_for_summary, render_summary
+    print(render_summary(model_for_summary(args.params, args.data)))
+
+
+@command("predict")
+def predict(argv):
+    """Predict on new raw rows (CSV or Parquet) with a trained model file."""
+    p = argparse.ArgumentParser(prog="densepipe predict")
+    p.add_argument("--model", default="models/model.pt")
+    p.add_argument("--input", required=True, help="CSV or Parquet file with the feature columns")
+    p.add_argument("--output", default=None, help="CSV to write (default: print)")
+    args = p.parse_args(argv)
+    import pandas as pd
+
+    from densepipe.checkpoint import load_model
+    from densepipe.data.sources import DataError
+    from densepipe.io import write_with
+    from densepipe.predict import predict_frame
+    path = Path(args.input)
+    if not path.exists():
+        raise DataError(f"--input: file not found: {path}")
+    try:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise DataError(f"--input: cannot read {path}: {err}") from None
+    out = pd.concat([frame, predict_frame(load_model(args.model), frame)], axis=1)
+    if args.output:
+        write_with(args.output, lambda p: out.to_csv(p, index=False))
+        print(f"predict: {len(out)} row(s) -> {args.output}")
+    else:
+        print(out.to_csv(index=False), end="")
+
+
+@command("where")
+def where(argv):
+    """Say where the report and the MLflow store are, and how to browse them."""
+    from densepipe.tracking import project_root, tracking_uri
+    root = project_root()
+    metrics = root / "metrics" / "test.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        if "accuracy" in m:
+            print(f"test accuracy: {m['accuracy']:.4f}")
+    print(f"report:       {root / 'reports' / 'report.html'}  (open it in a browser)")
+    print(f"MLflow store: {tracking_uri()}")
+    print("MLflow UI:    make ui  (then open http://127.0.0.1:5000)")
+
+
+def _run_stage(module_name: str, argv: list[str]) -> None:
+    module = importlib.import_module(module_name)
+    p = argparse.ArgumentParser(prog=f"densepipe {module_name.rsplit('.', 1)[-1]}", description=module.__doc__)
+    module.add_arguments(p)
+    module.run(p.parse_args(argv))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from densepipe.config import ConfigError
+    from densepipe.data.sources import DataError
+    from densepipe.train.loop import DivergenceError
+    return ConfigError, DataError, DivergenceError, FileNotFoundError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: densepipe <command> [options]\ncommands: " + ", ".join(COMMANDS.names()))
+        return 0 if argv else 2
+    try:
+        target = COMMANDS[argv[0]]
+    except ValueError as err:
+        print(f"densepipe: {err}", file=sys.stderr)
+        return 2
+    try:
+        if isinstance(target, str):
+            _run_stage(target, argv[1:])
+        else:
+            target(argv[1:])
+    except _user_errors() as err:
+        print(f"densepipe {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

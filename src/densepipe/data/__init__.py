@@ -1,0 +1,1 @@
+"""Data: sources, checks and splitting, the fitted preprocessor, array files."""

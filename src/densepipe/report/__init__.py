@@ -1,0 +1,1 @@
+"""The HTML report: figures, diagnostics in plain language, one self-contained file."""

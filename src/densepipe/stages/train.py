@@ -1,0 +1,143 @@
+"""train: processed arrays -> model file, per-epoch history, train metrics, MLflow run.
+
+A resume checkpoint is written every `train.checkpoint_every` epochs; when the
+stage runs again with the same params and data it continues from there, and
+the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from densepipe import checkpoint as ckpt
+from densepipe import config as config_mod
+from densepipe import tracking
+from densepipe.data.arrays import data_spec, load_arrays, to_split
+from densepipe.data.preprocess import Preprocessor
+from densepipe.io import write_json
+from densepipe.nn.model import build_model
+from densepipe.stages.common import as_config_error, load_params, seed_everything
+from densepipe.train.loop import DivergenceError, Trainer
+
+_DONE = {"format": ckpt.RESUME_FORMAT, "key": "completed"}  # a finished run leaves nothing to resume
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--data", default="data/processed")
+    p.add_argument("--model", default="models/model.pt")
+    p.add_argument("--checkpoint", default="models/checkpoint.pt", help="resume checkpoint")
+    p.add_argument("--metrics", default="metrics/train.json")
+    p.add_argument("--history", default="plots/history.csv")
+    p.add_argument("--run", default="models/run.json", help="where the MLflow run id is recorded")
+
+
+def class_weights(cfg, pre: Preprocessor, targets: dict) -> dict[str, torch.Tensor]:
+    """Per-class loss weights for each classification target ('balanced' as scikit-learn)."""
+    spec = cfg.train.class_weight
+    if spec is None:
+        return {}
+    out = {}
+    for name, t in pre.targets.items():
+        if t["task"] not in ("binary", "multiclass"):
+            continue
+        k = len(t["classes"])
+        if spec == "balanced":
+            counts = torch.bincount(torch.as_tensor(targets[name]).reshape(-1), minlength=k).double()
+            out[name] = (counts.sum() / (k * counts.clamp_min(1))).float()
+        else:
+            labels = [str(c) for c in t["classes"]]
+            unknown = [c for c in spec if str(c) not in labels]
+            if unknown:
+                raise config_mod.ConfigError(f"train.class_weight: {unknown} are not classes of '{name}'; "
+                                             f"classes: {labels}")
+            out[name] = torch.tensor([float(spec.get(c, 1.0)) for c in labels])
+    return out
+
+
+def _resume_key(cfg, data_dir: Path) -> str:
+    h = hashlib.sha256(ckpt.config_hash(cfg, "seed", "model", "train").encode())
+    for name in ("preprocessor.json", "train.npz", "val.npz"):
+        h.update((data_dir / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def final_metrics(history, stopped: str | None) -> dict:
+    last = dict(history.records[-1]) if history.records else {}
+    out = {k: v for k, v in last.items() if not k.startswith(("grad_norm/", "epoch_seconds"))}
+    out["epochs_run"] = len(history)
+    speeds = history.series("samples_per_sec")
+    if speeds:
+        out["samples_per_sec"] = sum(speeds) / len(speeds)
+    if stopped:
+        out["stopped_early"] = True
+    return out
+
+
+def run(args) -> None:
+    cfg = load_params(args.params)
+    seed_everything(cfg.seed)
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+    data_dir = Path(args.data)
+    pre = Preprocessor.load(data_dir / "preprocessor.json")
+    spec = as_config_error(data_spec, pre, cfg.model)
+    arrays = {s: load_arrays(data_dir / f"{s}.npz") for s in ("train", "val")}
+    train, val = (as_config_error(to_split, *arrays[s], pre, cfg.model) for s in ("train", "val"))
+    model = as_config_error(build_model, cfg.model, cfg.train, spec, cfg.seed)
+    resume_path, model_path = Path(args.checkpoint), Path(args.model)
+    key = _resume_key(cfg, data_dir)
+    state = ckpt.load_resume(resume_path, key)
+
+    def save_model(epoch: int) -> None:
+        ckpt.save_model(model_path, trainer.model, cfg, pre, spec, epoch)
+
+    def save_checkpoint(st: dict) -> None:
+        ckpt.save_resume(resume_path, {**st, "mlflow_run": tracker.run_id or ""}, key)
+
+    trainer = Trainer(model, cfg.train, seed=cfg.seed, class_weights=class_weights(cfg, pre, arrays["train"][1]),
+                      save_model=save_model, save_checkpoint=save_checkpoint)
+    if state is not None:
+        trainer.load_state_dict(state)
+        print(f"resuming from {resume_path} after epoch {trainer.start_epoch}")
+    tracker = _open_tracker(cfg, args.run, state)
+    if state is None:
+        tracker.log_params(config_mod.resolved(cfg))
+    try:
+        history = trainer.fit(train, val)
+    except DivergenceError:
+        save_model(len(trainer.history))  # the last good weights, for inspection
+        tracker.log_history(trainer.history.records)
+        tracker.finish("FAILED")
+        raise
+    if not any(cb.type == "model_checkpoint" for cb in cfg.train.callbacks) or not model_path.exists():
+        save_model(len(history))
+    history.save_csv(args.history)
+    metrics = final_metrics(history, trainer.stop_reason)
+    write_json(args.metrics, metrics)
+    tracker.log_history(history.records[trainer.start_epoch:] if state is not None else history.records)
+    tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+    tracker.set_tags({"model_summary": _summary_text(model)})
+    _mark_done(resume_path)
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "per_sec" not in k}
+    print(f"train: {len(history)} epoch(s); {shown}")
+
+
+def _mark_done(path: Path) -> None:
+    from densepipe.io import write_with
+    write_with(path, lambda p: torch.save(_DONE, p))
+
+
+def _open_tracker(cfg, run_file: str, state: dict | None) -> tracking.Tracker:
+    previous = (state or {}).get("mlflow_run")
+    if previous and cfg.mlflow.enabled:  # a resumed run keeps logging to the run it started
+        write_json(run_file, {"run_id": previous, "tracking_uri": tracking.tracking_uri(cfg.mlflow)})
+        return tracking.open_run(run_file)
+    return tracking.start_run(cfg.mlflow, run_file)
+
+
+def _summary_text(model) -> str:
+    rows = model.summary()
+    return "\n".join(f"{r['layer']:<16} {r['type']:<12} {r['output_shape']:<14} {r['params']:>9,}" for r in rows)
