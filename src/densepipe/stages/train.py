@@ -65,8 +65,11 @@ def _resume_key(cfg, data_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def final_metrics(history, stopped: str | None) -> dict:
-    last = dict(history.records[-1]) if history.records else {}
+def final_metrics(history, stopped: str | None, restored_epoch: int | None = None) -> dict:
+    """The metrics of the weights the model file holds: the last epoch's, or the
+    restored best epoch's."""
+    chosen = [r for r in history.records if restored_epoch is not None and r["epoch"] == restored_epoch + 1]
+    last = dict(chosen[0] if chosen else history.records[-1]) if history.records else {}
     out = {k: v for k, v in last.items() if not k.startswith(("grad_norm/", "epoch_seconds"))}
     out["epochs_run"] = len(history)
     speeds = history.series("samples_per_sec")
@@ -115,7 +118,7 @@ def run(args) -> None:
     if not any(cb.type == "model_checkpoint" for cb in cfg.train.callbacks) or not model_path.exists():
         save_model(len(history))
     history.save_csv(args.history)
-    metrics = final_metrics(history, trainer.stop_reason)
+    metrics = final_metrics(history, trainer.stop_reason, trainer.restored_epoch)
     write_json(args.metrics, metrics)
     tracker.log_history(history.records[trainer.start_epoch:] if state is not None else history.records)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
