@@ -123,3 +123,69 @@ def test_predict_command_decodes_labels(project, tmp_path):
     assert set(pred["prediction"]) <= set(range(10))
     probs = pred[[f"proba_{i}" for i in range(10)]].to_numpy()
     assert abs(probs.sum(axis=1) - 1).max() < 1e-4
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(project):
+    """The real MLflow UI server over the project's store, as `make ui` starts it."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    path, _ = project
+    port = _free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "ui",
+                               "--backend-store-uri", f"sqlite:///{path / 'mlflow.db'}",
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).read() == b"OK":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the MLflow UI did not start")
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def _rendered_text(url: str, profile) -> str:
+    """The page's DOM after its scripts ran, in headless Chromium."""
+    import re
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+    proc = run_cmd([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url],
+                   cwd=profile.parent, timeout=180)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", proc.stdout))
+
+
+def test_mlflow_ui_shows_run_metrics_and_report(project, mlflow_ui, tmp_path):
+    path, _ = project
+    info = json.loads((path / "models/run.json").read_text())
+    base = f"{mlflow_ui}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+    overview = _rendered_text(base, tmp_path / "profile1")
+    assert info["run_id"] in overview
+    for metric in ("val_loss", "val_accuracy", "test_accuracy", "grad_norm/dense_1"):
+        assert metric in overview, metric
+    artifacts = _rendered_text(f"{base}/artifacts/report/report.html", tmp_path / "profile2")
+    assert "report.html" in artifacts and "evaluation" in artifacts
