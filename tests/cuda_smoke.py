@@ -1,8 +1,11 @@
 """One forward + backward of the fused dense op per activation and dtype on CUDA,
 small enough to run under compute-sanitizer:
 
-    compute-sanitizer --tool memcheck python tests/cuda_smoke.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/cuda_smoke.py
     compute-sanitizer --tool racecheck python tests/cuda_smoke.py
+
+(without the caching allocator every tensor is its own allocation, so memcheck
+sees an access just past a tensor's end).
 
 Shapes cover the 16-byte vector body, the scalar tails, misaligned pointers and
 both the cuBLASLt epilogue and the generic path. Exits non-zero if any result

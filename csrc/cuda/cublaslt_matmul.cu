@@ -13,10 +13,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <type_traits>
+#include <unordered_map>
+#include <utility>
 
 namespace densepipe::cuda {
 
@@ -102,6 +105,87 @@ bool make_layout(Layout& out, cudaDataType_t type, int64_t rows, int64_t cols, i
   return true;
 }
 
+// Everything the heuristic's answer depends on. Training repeats a handful of
+// shapes, so asking once per problem keeps the per-call host cost to building
+// the descriptors.
+struct AlgoKey {
+  int64_t device, dtype, m, n, k, epilogue, tf32;
+  int64_t align_a, align_b, align_d, align_bias, align_aux;  // bytes, as passed to the heuristic
+  bool operator==(const AlgoKey&) const = default;
+};
+
+struct AlgoKeyHash {
+  size_t operator()(const AlgoKey& key) const {
+    size_t h = 0;
+    for (int64_t f : {key.device, key.dtype, key.m, key.n, key.k, key.epilogue, key.tf32, key.align_a,
+                      key.align_b, key.align_d, key.align_bias, key.align_aux}) {
+      h = h * 1000003u ^ std::hash<int64_t>{}(f);
+    }
+    return h;
+  }
+};
+
+// The heuristic's algorithm per problem, or nullopt where cuBLASLt had none.
+class AlgoCache {
+ public:
+  static constexpr size_t kMaxEntries = 4096;  // varied inference shapes must not grow it without bound
+
+  std::optional<std::optional<cublasLtMatmulAlgo_t>> find(const AlgoKey& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = map_.find(key);
+    if (it == map_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  void put(const AlgoKey& key, std::optional<cublasLtMatmulAlgo_t> algo) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (map_.size() >= kMaxEntries) map_.clear();
+    map_.emplace(key, algo);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>, AlgoKeyHash> map_;
+};
+
+AlgoCache& algo_cache() {
+  static AlgoCache cache;
+  return cache;
+}
+
+// Asks the heuristic for one algorithm; nullopt when it has none (or fails).
+std::optional<cublasLtMatmulAlgo_t> heuristic_algo(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                                                   cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                                   cublasLtMatrixLayout_t d, const AlgoKey& key) {
+  cublasLtMatmulPreference_t raw_pref = nullptr;
+  if (cublasLtMatmulPreferenceCreate(&raw_pref) != CUBLAS_STATUS_SUCCESS) return std::nullopt;
+  const Preference pref(raw_pref);
+  // No split-K partial sums stored in the (half-precision) output type: float32 accumulation throughout.
+  const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> u32_prefs[] = {
+      {CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, reductions},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key.align_a)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key.align_b)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key.align_d)},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key.align_d)},
+  };
+  if (set_pref(pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t{kWorkspaceBytes}) !=
+      CUBLAS_STATUS_SUCCESS) {
+    return std::nullopt;
+  }
+  for (const auto& [attr, value] : u32_prefs) {
+    if (set_pref(pref.get(), attr, value) != CUBLAS_STATUS_SUCCESS) return std::nullopt;
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  if (cublasLtMatmulAlgoGetHeuristic(handle, desc, a, b, d, d, pref.get(), 1, &result, &found) !=
+          CUBLAS_STATUS_SUCCESS ||
+      found == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
+    return std::nullopt;
+  }
+  return result.algo;
+}
+
 }  // namespace
 
 bool lt_enabled() {
@@ -132,8 +216,8 @@ bool lt_dense_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Te
   DENSEPIPE_LT_TRY(set_desc(desc.get(), CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T));
   DENSEPIPE_LT_TRY(set_desc(desc.get(), CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N));
   const bool with_bias = bias.defined();
-  DENSEPIPE_LT_TRY(set_desc(desc.get(), CUBLASLT_MATMUL_DESC_EPILOGUE,
-                            kEpilogues[static_cast<int>(act)][with_bias ? 1 : 0]));
+  const cublasLtEpilogue_t epilogue = kEpilogues[static_cast<int>(act)][with_bias ? 1 : 0];
+  DENSEPIPE_LT_TRY(set_desc(desc.get(), CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue));
   if (with_bias) {
     DENSEPIPE_LT_TRY(set_desc(desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.const_data_ptr()));
   }
@@ -149,33 +233,29 @@ bool lt_dense_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Te
     return false;
   }
 
-  cublasLtMatmulPreference_t raw_pref = nullptr;
-  DENSEPIPE_LT_TRY(cublasLtMatmulPreferenceCreate(&raw_pref));
-  const Preference pref(raw_pref);
-  DENSEPIPE_LT_TRY(set_pref(pref.get(), CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t{kWorkspaceBytes}));
-  // No split-K partial sums stored in the (half-precision) output type: float32 accumulation throughout.
-  const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
-  DENSEPIPE_LT_TRY(set_pref(pref.get(), CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, reductions));
-  const uint32_t out_align = alignment_of(out.data_ptr());
-  DENSEPIPE_LT_TRY(set_pref(pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                            alignment_of(weight.const_data_ptr())));
-  DENSEPIPE_LT_TRY(set_pref(pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                            alignment_of(x.const_data_ptr())));
-  DENSEPIPE_LT_TRY(set_pref(pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, out_align));
-  DENSEPIPE_LT_TRY(set_pref(pref.get(), CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, out_align));
-
-  cublasLtMatmulHeuristicResult_t heuristic{};
-  int found = 0;
-  DENSEPIPE_LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), a_layout.get(), b_layout.get(),
-                                                  d_layout.get(), d_layout.get(), pref.get(), 1,
-                                                  &heuristic, &found));
-  if (found == 0 || heuristic.state != CUBLAS_STATUS_SUCCESS) return false;
+  const AlgoKey key{x.device().index(),
+                    static_cast<int64_t>(x.scalar_type()),
+                    m, n, k,
+                    static_cast<int64_t>(epilogue),
+                    tf32,
+                    alignment_of(weight.const_data_ptr()),
+                    alignment_of(x.const_data_ptr()),
+                    alignment_of(out.data_ptr()),
+                    with_bias ? alignment_of(bias.const_data_ptr()) : 0,
+                    with_aux ? alignment_of(aux.data_ptr()) : 0};
+  auto cached = algo_cache().find(key);
+  if (!cached) {
+    cached.emplace(heuristic_algo(handle, desc.get(), a_layout.get(), b_layout.get(), d_layout.get(), key));
+    algo_cache().put(key, *cached);
+  }
+  if (!cached->has_value()) return false;
+  const cublasLtMatmulAlgo_t algo = **cached;
 
   const at::Tensor workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, x.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
   DENSEPIPE_LT_TRY(cublasLtMatmul(handle, desc.get(), &alpha, weight.const_data_ptr(), a_layout.get(),
                                   x.const_data_ptr(), b_layout.get(), &beta, out.data_ptr(), d_layout.get(),
-                                  out.data_ptr(), d_layout.get(), &heuristic.algo, workspace.data_ptr(),
+                                  out.data_ptr(), d_layout.get(), &algo, workspace.data_ptr(),
                                   kWorkspaceBytes, c10::cuda::getCurrentCUDAStream().stream()));
   return true;
 }
