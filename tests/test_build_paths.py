@@ -16,7 +16,7 @@ def touch(path):
 
 @pytest.fixture
 def layout(tmp_path, monkeypatch):
-    """Points the helpers at a fake site-packages and an optional fake toolkit."""
+    """Points the path lookups at a fake site-packages and an optional fake toolkit."""
     site, home = tmp_path / "site-packages", tmp_path / "cuda"
     site.mkdir()
     monkeypatch.setattr(_build, "_site_dirs", lambda: [str(site)])
