@@ -20,7 +20,7 @@ $(PY):
 venv: $(PY)
 
 # torch first, and only when none is importable: an open range would pull a CUDA build.
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install "setuptools>=68" wheel ninja
 	$(PIP) install --no-build-isolation -e ".[dev]"
