@@ -26,7 +26,6 @@ _DONE = {"format": ckpt.RESUME_FORMAT, "key": "completed"}  # a finished run lea
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--data", default="data/processed")
     p.add_argument("--model", default="models/model.pt")
     p.add_argument("--checkpoint", default="models/checkpoint.pt", help="resume checkpoint")
@@ -81,7 +80,7 @@ def final_metrics(history, stopped: str | None, restored_epoch: int | None = Non
 
 
 def run(args) -> None:
-    cfg = load_params(args.params)
+    cfg = load_params(args)
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     data_dir = Path(args.data)
