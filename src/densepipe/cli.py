@@ -97,6 +97,13 @@ def compare(argv):
     compare_main(argv)
 
 
+@command("sweep")
+def sweep(argv):
+    """Hyperparameter search: grid, random or optuna trials as DVC experiments under one MLflow parent."""
+    from densepipe.sweep import main as sweep_main
+    sweep_main(argv)
+
+
 @command("where")
 def where(argv):
     """Say where the report and the MLflow store are, and how to browse them."""

@@ -296,6 +296,7 @@ class MlflowConfig(Section):
     tracking_uri: str | None = None   # default: sqlite:///<repo root>/mlflow.db (MLFLOW_TRACKING_URI wins)
     experiment: str = "densepipe"
     run_name: str | None = None
+    parent_run_id: str | None = None  # nests this run under another (sweeps set it per trial)
 
 
 class Config(Section):
