@@ -105,6 +105,7 @@ class Sweep:
         from densepipe.tracking import project_root
         self.root = project_root(self.pipeline)
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.assignments: dict[str, dict] = {}  # trial run name -> the params it set
 
     # ------------------------------------------------------------------ commands
     def _dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -114,21 +115,27 @@ class Sweep:
         return proc
 
     def _set_args(self, trial: dict, parent: str, i: int) -> list[str]:
-        sets = [f"{k}={json.dumps(v)}" for k, v in trial.items()]
-        sets += [f"mlflow.parent_run_id={parent}", f"mlflow.run_name={self.spec.name}-{i + 1}"]
+        self.assignments[self._run_name(i)] = trial
+        from densepipe.tracking import param_key
+        sets = [f"{param_key(k)}={json.dumps(v)}" for k, v in trial.items()]  # DVC's -S: layers.0.units
+        # "++": set or add (Hydra's override grammar) — params files need not name these keys.
+        sets += [f"++mlflow.parent_run_id={parent}", f"++mlflow.run_name={self._run_name(i)}"]
         return [a for s in sets for a in ("-S", s)]
+
+    def _run_name(self, i: int) -> str:
+        return f"{self.spec.name}-{i + 1}"
 
     def _exp_name(self, i: int) -> str:
         return f"{self.spec.name}-{self.stamp}-{i + 1}"
 
     # --------------------------------------------------------------------- runs
     def run(self) -> pd.DataFrame:
-        from densepipe.tracking import Tracker, start_parent_run
+        from densepipe.tracking import Tracker, param_key, start_parent_run
+        space = {f"sweep.space.{param_key(k)}": json.dumps(v if isinstance(v, list) else v.model_dump())
+                 for k, v in self.spec.parameters.items()}
         parent: Tracker = start_parent_run(self.cfg.mlflow, f"{self.spec.name}-{self.stamp}",
                                            {"sweep.method": self.spec.method, "sweep.metric": self.spec.metric,
-                                            **{f"sweep.space.{k}": json.dumps(v if isinstance(v, list) else
-                                                                                 v.model_dump())
-                                               for k, v in self.spec.parameters.items()}})
+                                            **space})
         try:
             if self.spec.method == "optuna":
                 self._optuna(parent)
@@ -169,7 +176,7 @@ class Sweep:
             trial = study.ask()
             values = {k: self._suggest(trial, k, v) for k, v in self.spec.parameters.items()}
             self._dvc("exp", "run", "dvc.yaml", "-n", self._exp_name(i), *self._set_args(values, parent.run_id, i))
-            study.tell(trial, self._metric_of(parent, f"{self.spec.name}-{i + 1}"))
+            study.tell(trial, self._metric_of(parent, self._run_name(i)))
 
     @staticmethod
     def _suggest(trial, key: str, value):
@@ -196,7 +203,7 @@ class Sweep:
         for r in self._children(parent):
             row = {"trial": r.info.run_name, "run_id": r.info.run_id,
                    self.spec.metric: r.data.metrics.get(self.spec.metric)}
-            row.update({k: r.data.params.get(k) for k in self.spec.parameters})
+            row.update(self.assignments.get(r.info.run_name, {}))
             rows.append(row)
         table = pd.DataFrame(rows)
         if table.empty:

@@ -65,14 +65,22 @@ def run_tags(parent_run_id: str | None = None) -> dict[str, str]:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params as MLflow keys: model.layers.0.units = 256 (lists of sections by index)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, list | dict) else str(v)
     return out
+
+
+def param_key(dvc_key: str) -> str:
+    """DVC's -S key (model.layers[0].units) as the MLflow param name (model.layers.0.units)."""
+    return dvc_key.replace("[", ".").replace("]", "")
 
 
 class Tracker:
