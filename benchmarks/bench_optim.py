@@ -58,10 +58,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], device: str, rounds: int,
+STATS = {"min": min, "median": statistics.median}
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: str, rounds: int, stat: str = "min",
                    warmup: int = 3) -> dict[str, float]:
-    """Median wall time of one call of each fn, in ms. The fns take turns round by
-    round, so a load that comes and goes on the machine hits them all alike."""
+    """Wall time of one call of each fn in ms: the best (or median) of `rounds`. The
+    fns take turns round by round, so load that comes and goes on a shared machine
+    hits them all alike; the best round is the one least disturbed by it."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -73,7 +77,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: str, rounds: in
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {k: STATS[stat](v) * 1e3 for k, v in times.items()}
 
 
 class StreamBound:
@@ -106,7 +110,8 @@ def variants(name: str) -> dict[str, tuple[type, dict]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--rounds", type=int, default=30, help="timed steps per variant (median reported)")
+    ap.add_argument("--rounds", type=int, default=30, help="timed steps per variant")
+    ap.add_argument("--stat", default="min", choices=sorted(STATS), help="which of the rounds to report")
     ap.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated optimizers")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,7 +119,8 @@ def main() -> None:
     torch.manual_seed(0)
     bound = StreamBound(args.device)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          "times: median ms of one step; bound: addcmul_ GB/s timed alongside each row")
+          f"times: ms of one step, {args.stat} of {args.rounds} interleaved rounds; "
+          "bound: addcmul_ GB/s timed alongside each row")
     cols = ["for-loop", "foreach", "fused"]
     head = (f"{'set':<10} {'optimizer':<8} {'B/param':>7} {'ours ms':>8} "
             + " ".join(f"{c + ' ms':>11}" for c in cols) + " "
@@ -129,7 +135,7 @@ def main() -> None:
             per_param = bytes_per_param(OPTIMIZERS[name][3])
             opts = {v: make_optimizer(cls, kw, tensors) for v, (cls, kw) in variants(name).items()}
             ms = interleaved_ms({**{v: o.step for v, o in opts.items()}, "bound": bound},
-                                args.device, args.rounds)
+                                args.device, args.rounds, args.stat)
             del opts
             gbs = per_param * numel / (ms["ours"] * 1e-3) / 1e9
             bound_gbs = bound.nbytes / (ms["bound"] * 1e-3) / 1e9

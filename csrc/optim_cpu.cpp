@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "optim_ops.h"
@@ -38,28 +40,39 @@ template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
 constexpr int64_t kLineBytes = 64;          // one cache line
-constexpr int64_t kTaskBytes = 64 * 1024;   // per list and task: amortizes taking a task
+constexpr int64_t kMinTaskBytes = 64 * 1024;  // per list and task: amortizes taking a task
+constexpr int64_t kTasksPerThread = 8;        // enough for a busy thread's share to move,
+                                              // few enough to keep long sequential streams
 constexpr int64_t kNormBlockLines = 256;    // one partial sum of the norm; fixed, so the
                                             // result does not depend on the thread count
 
-// Runs fn(task) for tasks [0, n) on all threads, each thread taking the next task
-// as it finishes one: a thread that starts late or runs slow (a busy machine, a
-// core shared with other work) leaves its share to the others instead of holding
-// up the whole step, as a fixed split of the range would.
+// Runs fn(task) for tasks [0, n): the calling thread and get_num_threads() - 1
+// helpers from ATen's inter-op pool each take the next task as they finish one.
+// The caller waits only for tasks already taken, never for a helper that has not
+// started: on a busy machine (data-loader workers, other processes) a descheduled
+// thread costs its share of the work, not a whole time slice at a fork-join
+// barrier. A helper that starts after the last task was taken leaves at once.
 template <typename Fn>
 void parallel_tasks(int64_t n, const Fn& fn) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (threads <= 1 || at::in_parallel_region()) {
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
+  if (helpers <= 0 || at::in_parallel_region()) {
     for (int64_t t = 0; t < n; ++t) fn(t);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
-         t = next.fetch_add(1, std::memory_order_relaxed)) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  // fn is only touched for a task taken before all n were done, so it outlives every use.
+  auto work = [progress, n, &fn] {
+    for (int64_t t; (t = progress->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
       fn(t);
+      progress->done.fetch_add(1, std::memory_order_release);
     }
-  });
+  };
+  for (int64_t h = 0; h < helpers; ++h) at::launch(work);
+  work();
+  while (progress->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 // N parallel lists of one dtype, as pointers and the cache-line index space.
@@ -123,7 +136,8 @@ void run_rule(const std::vector<std::vector<at::Tensor>>& lists, const Rule& rul
     if (rule.skip()) return;
   }
   const Flat<T, Rule::kLists> flat(lists);
-  const int64_t task_lines = kTaskBytes / kLineBytes;
+  const int64_t task_lines = std::max(kMinTaskBytes / kLineBytes,
+                                      flat.lines() / (kTasksPerThread * at::get_num_threads()) + 1);
   parallel_tasks((flat.lines() + task_lines - 1) / task_lines, [&](int64_t task) {
     const int64_t l0 = task * task_lines;
     flat.for_each_piece(l0, std::min(flat.lines(), l0 + task_lines), [&](size_t t, int64_t begin, int64_t end) {

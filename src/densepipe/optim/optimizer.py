@@ -122,9 +122,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            grads = [p.grad for p in params]  # the kernels refuse sparse ones by name
             states, keys = self._prepare(group, params)
             for key, idx in _buckets(params, keys):
                 if idx is None:
