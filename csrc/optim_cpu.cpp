@@ -25,6 +25,7 @@ template <typename T>
 struct Lane<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static V sqrt(V x) { return x.sqrt(); }
+  static V div(V a, V b) { return a / b; }
   static V neg(V x) { return x.neg(); }
   static V max(V a, V b) { return at::vec::maximum(a, b); }  // NaN propagates
   static V min(V a, V b) { return at::vec::minimum(a, b); }

@@ -25,15 +25,23 @@ struct Lane;
 template <typename T>
 struct ScalarLane {
   static DP_HD T sqrt(T x) { return ::sqrt(x); }
+  static DP_HD T div(T a, T b) { return a / b; }
   static DP_HD T neg(T x) { return -x; }
   static DP_HD T max(T a, T b) { return (a != a || a > b) ? a : b; }  // NaN propagates
   static DP_HD T min(T a, T b) { return (a != a || a < b) ? a : b; }
   static DP_HD T abs(T x) { return ::fabs(x); }
   static DP_HD T pow(T x, T p) { return ::pow(x, p); }
 };
+// Division and square root round to nearest even under nvcc's --use_fast_math,
+// so state matches torch's (and the CPU's) to the ulp, not to a few.
 template <>
 struct Lane<float> : ScalarLane<float> {
+#if defined(__CUDA_ARCH__)
+  static DP_HD float sqrt(float x) { return __fsqrt_rn(x); }
+  static DP_HD float div(float a, float b) { return __fdiv_rn(a, b); }
+#else
   static DP_HD float sqrt(float x) { return ::sqrtf(x); }
+#endif
   static DP_HD float abs(float x) { return ::fabsf(x); }
   static DP_HD float pow(float x, float p) { return ::powf(x, p); }
 };
@@ -92,7 +100,7 @@ struct AdagradRule {
     const V g = effective_grad(x[1], p, maximize, weight_decay);
     sum = sum + g * g;
     const V std = Lane<V>::sqrt(sum) + V(eps);
-    p = p - V(clr) * (g / std);
+    p = p - V(clr) * Lane<V>::div(g, std);
   }
 };
 
@@ -123,10 +131,10 @@ struct RmspropRule {
     avg = avg + V(eps);
     if constexpr (kMomentum) {
       V& buf = x[kBuf];
-      buf = buf * V(momentum) + g / avg;
+      buf = buf * V(momentum) + Lane<V>::div(g, avg);
       p = p - V(lr) * buf;
     } else {
-      p = p - V(lr) * (g / avg);
+      p = p - V(lr) * Lane<V>::div(g, avg);
     }
   }
 };
@@ -157,8 +165,8 @@ struct AdamRule {
       x[4] = Lane<V>::max(x[4], v);
       second = x[4];
     }
-    const V denom = Lane<V>::sqrt(second) / V(bc2_sqrt) + V(eps);
-    p = p - V(step_size) * (m / denom);
+    const V denom = Lane<V>::div(Lane<V>::sqrt(second), V(bc2_sqrt)) + V(eps);
+    p = p - V(step_size) * Lane<V>::div(m, denom);
   }
 };
 
@@ -185,7 +193,7 @@ struct ScaleByNormRule {
   T max_norm;
 
   DP_HD T coef() const {
-    const T c = (T(1) / (*norm + T(1e-6))) * max_norm;
+    const T c = Lane<T>::div(T(1), *norm + T(1e-6)) * max_norm;
     return c > T(1) ? T(1) : c;  // NaN stays NaN, as torch.clamp(max=1)
   }
   // Multiplying by exactly 1 changes nothing: the pass can be skipped.

@@ -39,7 +39,8 @@ class Probe(nn.Module):
         xs = [torch.randn(4, n, generator=g, dtype=torch.float64) / n**0.5 for n in SIZES]  # 4 samples each
         for i, x in enumerate(xs):
             self.register_buffer(f"x{i}", x.to(device, dtype))
-            self.register_buffer(f"t{i}", torch.randn(SIZES[i], generator=g, dtype=torch.float64).to(device, dtype))
+            target = torch.randn(SIZES[i], generator=g, dtype=torch.float64)
+            self.register_buffer(f"t{i}", target.to(device, dtype))
         self.register_buffer("xm", torch.randn(4, 9, generator=g, dtype=torch.float64).to(device, dtype))
 
     def loss(self) -> torch.Tensor:

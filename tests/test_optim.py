@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
-from optim_helpers import DEVICES, TOL, Probe, assert_same, train
 
 import densepipe.optim as dopt
+from optim_helpers import TOL, Probe, assert_same, train
 
 STEPS = 50
 
@@ -51,7 +51,8 @@ def case_id(case) -> str:
 def pair(name: str, kw: dict, dtype=torch.float32, **torch_kw):
     """Two identical models, one with torch's optimizer (its default for-loop) and one with ours."""
     mt, mo = Probe(dtype), Probe(dtype)
-    return mt, TORCH[name](mt.parameters(), **kw, **torch_kw), mo, dopt.OPTIMIZERS[name](mo.parameters(), **kw)
+    ot = TORCH[name](mt.parameters(), **kw, **torch_kw)
+    return mt, ot, mo, dopt.OPTIMIZERS[name](mo.parameters(), **kw)
 
 
 # --------------------------------------------------------------- trajectories
@@ -163,7 +164,8 @@ def test_param_groups_with_their_own_hyperparameters(name):
 
 @pytest.mark.parametrize("name", sorted(TORCH))
 def test_params_without_grad_are_skipped(name):
-    kw = {"sgd": dict(lr=0.02, momentum=0.9), "rmsprop": dict(lr=0.002, momentum=0.9)}.get(name, dict(lr=0.02))
+    kw = {"sgd": dict(lr=0.02, momentum=0.9),
+          "rmsprop": dict(lr=0.002, momentum=0.9)}.get(name, dict(lr=0.02))
     mt, ot, mo, oo = pair(name, kw)
 
     def skip(model):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import DEVICES, SIZES
 
 import densepipe  # noqa: F401  (import densepipe alone registers the ops)
 import densepipe.optim as dopt
+from optim_helpers import DEVICES, SIZES
 
 ops = torch.ops.densepipe
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -80,7 +80,7 @@ def test_mismatched_dtypes_and_shapes():
         ops.adam_step_(*adam_args(p, [g[0], g[1].double(), g[2]], m, v))
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] has dtype Double but params are Float"):
         ops.adam_step_(*adam_args(p, g, m, [t.double() for t in v]))
-    with pytest.raises(RuntimeError, match=r"exp_avgs\[2\] has shape \[64\] but params\[2\] has shape \[65\]"):
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[2\] has shape \[64\] but params\[2\] has shape"):
         ops.adam_step_(*adam_args(p, g, [m[0], m[1], m[2][:64]], v))
     with pytest.raises(RuntimeError, match="on CPU allowed: float32, float64"):
         ops.adam_step_(*adam_args([t.half() for t in p], [t.half() for t in g], m, v))
@@ -212,3 +212,16 @@ def test_cuda_low_precision_params_follow_fp32_math(name, dtype):
         assert pl.dtype == dtype and all(t.dtype == torch.float32 for t in ours.state[pl].values()
                                          if t.dim() > 0)
         torch.testing.assert_close(pl.float(), pm.detach(), **LOW_TOL[dtype])
+
+
+@needs_cuda
+def test_cuda_low_precision_state_survives_a_state_dict_round_trip():
+    p = torch.nn.Parameter(torch.randn(100, device="cuda", dtype=torch.bfloat16))
+    p.grad = torch.randn_like(p)
+    opt = dopt.Adam([p])
+    opt.step()
+    saved = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.load_state_dict(opt.state_dict())
+    for key, value in opt.state[p].items():
+        assert value.dtype == saved[key].dtype
+        assert torch.equal(value, saved[key])

@@ -56,10 +56,13 @@ def new_step() -> Tensor:
     return torch.tensor(0.0, dtype=_get_scalar_dtype())
 
 
+REDUCED = (torch.float16, torch.bfloat16)  # parameter dtypes whose state is kept in float32
+
+
 def state_like(p: Tensor, fill: float = 0.0) -> Tensor:
     """A state tensor for p: p's layout and dtype, but float32 for half/bfloat16 params
     (the kernels keep optimizer state in fp32 for reduced-precision parameters)."""
-    dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+    dtype = torch.float32 if p.dtype in REDUCED else p.dtype
     return torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
 
 
@@ -86,6 +89,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load_state_dict; afterwards, state of 16-bit parameters is
+        taken again from the saved tensors as float32 (torch casts state to the
+        parameter's dtype, which would round away the fp32 state the kernels keep)."""
+        super().load_state_dict(state_dict)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for index, p in zip(saved_ids, params, strict=True):
+            if p.dtype in REDUCED and index in state_dict["state"]:
+                for key, value in state_dict["state"][index].items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
