@@ -13,8 +13,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "optim_ops.h"
@@ -47,33 +45,21 @@ constexpr int64_t kTasksPerThread = 8;        // enough for a busy thread's shar
 constexpr int64_t kNormBlockLines = 256;    // one partial sum of the norm; fixed, so the
                                             // result does not depend on the thread count
 
-// Runs fn(task) for tasks [0, n): the calling thread and get_num_threads() - 1
-// helpers from ATen's inter-op pool each take the next task as they finish one.
-// The caller waits only for tasks already taken, never for a helper that has not
-// started: on a busy machine (data-loader workers, other processes) a descheduled
-// thread costs its share of the work, not a whole time slice at a fork-join
-// barrier. A helper that starts after the last task was taken leaves at once.
+// Runs fn(task) for tasks [0, n) in one at::parallel_for region whose threads each
+// take the next task as they finish one: a thread that starts late or runs slow
+// (a core shared with data-loader workers or other processes) leaves its share
+// to the others instead of holding a fixed half of the range.
 template <typename Fn>
 void parallel_tasks(int64_t n, const Fn& fn) {
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
-  if (helpers <= 0 || at::in_parallel_region()) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
     for (int64_t t = 0; t < n; ++t) fn(t);
     return;
   }
-  struct Progress {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto progress = std::make_shared<Progress>();
-  // fn is only touched for a task taken before all n were done, so it outlives every use.
-  auto work = [progress, n, &fn] {
-    for (int64_t t; (t = progress->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      fn(t);
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) at::launch(work);
-  work();
-  while (progress->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(t);
+  });
 }
 
 // N parallel lists of one dtype, as pointers and the cache-line index space.

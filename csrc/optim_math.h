@@ -67,9 +67,13 @@ DP_HD V effective_grad(V g, V p, bool maximize, T weight_decay) {
 template <typename T, bool kMomentum>
 struct SgdRule {
   static constexpr int kLists = kMomentum ? 3 : 2;
-  T lr, momentum, dampening_keep;  // dampening_keep = 1 - dampening
-  T weight_decay;
-  bool nesterov, maximize, first_step;  // first_step: the buffer starts as the gradient
+  T lr;                // step size
+  T momentum;          // buffer decay
+  T dampening_keep;    // 1 - dampening: the share of each gradient the buffer takes
+  T weight_decay;      // L2 penalty added to the gradient
+  bool nesterov;       // step along g + momentum * buffer
+  bool maximize;       // ascend
+  bool first_step;     // the buffer is new: it starts as the gradient itself
 
   template <typename V>
   DP_HD void operator()(V* x) const {
@@ -89,9 +93,10 @@ struct SgdRule {
 template <typename T>
 struct AdagradRule {
   static constexpr int kLists = 3;
-  T clr;  // lr / (1 + (step - 1) * lr_decay)
-  T weight_decay, eps;
-  bool maximize;
+  T clr;           // lr / (1 + (step - 1) * lr_decay), from double
+  T weight_decay;  // L2 penalty added to the gradient
+  T eps;           // added to sqrt(sum)
+  bool maximize;   // ascend
 
   template <typename V>
   DP_HD void operator()(V* x) const {
@@ -111,8 +116,13 @@ struct RmspropRule {
   static constexpr int kBuf = 3;
   static constexpr int kGradAvg = kMomentum ? 4 : 3;
   static constexpr int kLists = 3 + int(kMomentum) + int(kCentered);
-  T lr, alpha, alpha_rest, eps, weight_decay, momentum;  // alpha_rest = 1 - alpha, from double
-  bool maximize;
+  T lr;            // step size
+  T alpha;         // decay of the squared-gradient average
+  T alpha_rest;    // 1 - alpha, from double
+  T eps;           // added to the root mean square
+  T weight_decay;  // L2 penalty added to the gradient
+  T momentum;      // buffer decay
+  bool maximize;   // ascend
 
   template <typename V>
   DP_HD void operator()(V* x) const {
@@ -144,12 +154,16 @@ struct RmspropRule {
 template <typename T, bool kAmsgrad>
 struct AdamRule {
   static constexpr int kLists = kAmsgrad ? 5 : 4;
-  T beta1_rest, beta2, beta2_rest;  // beta1_rest = 1 - beta1, beta2_rest = 1 - beta2, from double
-  T eps, weight_decay;
-  T param_decay;  // 1 - lr * weight_decay, for decoupled (AdamW) decay
-  T step_size;    // lr / (1 - beta1^step), from double
-  T bc2_sqrt;     // sqrt(1 - beta2^step), from double
-  bool decoupled, maximize;
+  T beta1_rest;    // 1 - beta1, from double
+  T beta2;         // decay of the second-moment average
+  T beta2_rest;    // 1 - beta2, from double
+  T eps;           // added to the bias-corrected root of the second moment
+  T weight_decay;  // L2 penalty (Adam) or decay rate (AdamW)
+  T param_decay;   // 1 - lr * weight_decay, for decoupled (AdamW) decay, from double
+  T step_size;     // lr / (1 - beta1^step), from double
+  T bc2_sqrt;      // sqrt(1 - beta2^step), from double
+  bool decoupled;  // AdamW: decay the weights, not the gradient
+  bool maximize;   // ascend
 
   template <typename V>
   DP_HD void operator()(V* x) const {
@@ -175,7 +189,7 @@ struct AdamRule {
 template <typename T>
 struct ClampRule {
   static constexpr int kLists = 1;
-  T clip;
+  T clip;  // clip_value
 
   template <typename V>
   DP_HD void operator()(V* x) const {
@@ -189,8 +203,8 @@ struct ClampRule {
 template <typename T>
 struct ScaleByNormRule {
   static constexpr int kLists = 1;
-  const T* norm;
-  T max_norm;
+  const T* norm;  // the total norm, one element
+  T max_norm;     // the norm to clip to
 
   DP_HD T coef() const {
     const T c = Lane<T>::div(T(1), *norm + T(1e-6)) * max_norm;
