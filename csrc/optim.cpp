@@ -29,8 +29,6 @@ void check_param_dtype(const char* op, const at::Tensor& p, size_t i) {
 }
 
 void check_dense(const char* op, const char* name, size_t i, const at::Tensor& t) {
-  TORCH_CHECK(t.layout() == at::kStrided, "densepipe ", op, ": ", name, "[", i, "] is ",
-              t.layout(), "; sparse gradients are not supported, use a dense gradient");
   TORCH_CHECK(t.is_non_overlapping_and_dense(), "densepipe ", op, ": ", name, "[", i,
               "] (shape ", t.sizes(), ", strides ", t.strides(),
               ") must cover one dense block of memory to be updated in place");
@@ -38,81 +36,85 @@ void check_dense(const char* op, const char* name, size_t i, const at::Tensor& t
 
 }  // namespace
 
-std::vector<std::vector<at::Tensor>> check_lists(const char* op, std::vector<NamedList> lists) {
-  const std::vector<at::Tensor>& params = lists.at(0).tensors;
+Lists check_lists(const char* op, const std::vector<NamedList>& lists) {
+  const at::TensorList params = lists.at(0).tensors;
   const size_t n = params.size();
   for (const NamedList& l : lists) {
     TORCH_CHECK(l.tensors.size() == n, "densepipe ", op, ": ", l.name, " has ", l.tensors.size(),
                 " tensors but params has ", n, "; every list needs one tensor per parameter");
   }
-  std::vector<std::vector<at::Tensor>> out(lists.size());
+  Lists out;
+  out.owned.reserve(lists.size());  // views into owned lists stay valid
+  for (const NamedList& l : lists) out.views.push_back(l.tensors);
   if (n == 0) return out;
   const at::Device device = params[0].device();
   const at::ScalarType pdt = params[0].scalar_type();
   check_param_dtype(op, params[0], 0);
-  // State lists use one dtype throughout: the param's, or float32 under reduced-precision params.
-  std::vector<at::ScalarType> state_dt(lists.size(), pdt);
-  for (size_t k = 2; k < lists.size(); ++k) {
-    const at::ScalarType sdt = lists[k].tensors[0].scalar_type();
-    TORCH_CHECK(sdt == pdt || (reduced_float(pdt) && sdt == at::kFloat), "densepipe ", op, ": ",
-                lists[k].name, "[0] has dtype ", sdt, " but params are ", pdt,
-                "; state must match the params' dtype",
-                reduced_float(pdt) ? " or be float32" : "");
-    state_dt[k] = sdt;
-  }
   for (size_t k = 0; k < lists.size(); ++k) {
-    out[k].reserve(n);
+    const char* name = lists[k].name;
+    const at::TensorList ts = lists[k].tensors;
+    // State lists use one dtype throughout: the param's, or float32 under 16-bit params.
+    const at::ScalarType want = k < 2 ? pdt : ts[0].scalar_type();
+    TORCH_CHECK(want == pdt || (reduced_float(pdt) && want == at::kFloat), "densepipe ", op, ": ",
+                name, "[0] has dtype ", want, " but params are ", pdt,
+                "; state must match the params' dtype", reduced_float(pdt) ? " or be float32" : "");
+    bool copied = false;
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& p = params[i];
-      const at::Tensor& t = lists[k].tensors[i];
-      const char* name = lists[k].name;
+      const at::Tensor& t = ts[i];
       TORCH_CHECK(t.device() == device, "densepipe ", op, ": ", name, "[", i, "] is on ", t.device(),
                   " but params[0] is on ", device, "; all tensors of one call must share a device");
-      const at::ScalarType want = k < 2 ? pdt : state_dt[k];
       TORCH_CHECK(t.scalar_type() == want, "densepipe ", op, ": ", name, "[", i, "] has dtype ",
                   t.scalar_type(), ", expected ", want, " like ", k < 2 ? "params[0]" : name,
                   k < 2 ? "" : "[0]");
       TORCH_CHECK(t.sizes() == p.sizes(), "densepipe ", op, ": ", name, "[", i, "] has shape ",
                   t.sizes(), " but params[", i, "] has shape ", p.sizes());
-      if (k == 0 || lists[k].written) {
+      TORCH_CHECK(t.layout() == at::kStrided, "densepipe ", op, ": ", name, "[", i, "] is ",
+                  t.layout(), "; sparse gradients are not supported, use a dense gradient");
+      if (k == 0) {
         check_dense(op, name, i, t);
-        TORCH_CHECK(t.strides() == p.strides(), "densepipe ", op, ": ", name, "[", i,
-                    "] has strides ", t.strides(), " but params[", i, "] has ", p.strides(),
+      } else if (t.strides() != p.strides()) {
+        TORCH_CHECK(!lists[k].written, "densepipe ", op, ": ", name, "[", i, "] has strides ",
+                    t.strides(), " but params[", i, "] has ", p.strides(),
                     "; state must share the parameter's memory layout");
-        out[k].push_back(t);
-      } else {
-        TORCH_CHECK(t.layout() == at::kStrided, "densepipe ", op, ": ", name, "[", i, "] is ",
-                    t.layout(), "; sparse gradients are not supported, use a dense gradient");
-        // A read-only input in another layout is copied into the param's layout.
-        out[k].push_back(t.strides() == p.strides() ? t : at::empty_like(p).copy_(t));
+        if (!copied) {  // a read-only input in another layout is copied into the param's
+          out.owned.emplace_back(ts.begin(), ts.end());
+          copied = true;
+        }
+        out.owned.back()[i] = at::empty_like(p).copy_(t);
       }
     }
+    if (copied) out.views[k] = out.owned.back();
   }
   return out;
 }
 
-std::vector<at::Tensor> check_grads(const char* op, const std::vector<at::Tensor>& grads,
-                                    bool written) {
-  std::vector<at::Tensor> out;
-  out.reserve(grads.size());
+Lists check_grads(const char* op, at::TensorList grads, bool written) {
+  Lists out;
+  out.views.push_back(grads);
   if (grads.empty()) return out;
   const at::Device device = grads[0].device();
   const at::ScalarType dt = grads[0].scalar_type();
   check_param_dtype(op, grads[0], 0);
+  std::vector<at::Tensor> copies;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.device() == device, "densepipe ", op, ": grads[", i, "] is on ", g.device(),
                 " but grads[0] is on ", device, "; all tensors of one call must share a device");
     TORCH_CHECK(g.scalar_type() == dt, "densepipe ", op, ": grads[", i, "] has dtype ",
                 g.scalar_type(), " but grads[0] has ", dt, "; one call takes one dtype");
+    TORCH_CHECK(g.layout() == at::kStrided, "densepipe ", op, ": grads[", i, "] is ", g.layout(),
+                "; sparse gradients are not supported, use a dense gradient");
     if (written) {
       check_dense(op, "grads", i, g);
-      out.push_back(g);
-    } else {
-      TORCH_CHECK(g.layout() == at::kStrided, "densepipe ", op, ": grads[", i, "] is ", g.layout(),
-                  "; sparse gradients are not supported, use a dense gradient");
-      out.push_back(g.is_non_overlapping_and_dense() ? g : g.contiguous());
+    } else if (!g.is_non_overlapping_and_dense()) {  // read-only: a dense copy will do
+      if (copies.empty()) copies.assign(grads.begin(), grads.end());
+      copies[i] = g.contiguous();
     }
+  }
+  if (!copies.empty()) {
+    out.owned.push_back(std::move(copies));
+    out.views[0] = out.owned.back();
   }
   return out;
 }

@@ -17,19 +17,29 @@ namespace densepipe::optim {
 // into the parameter's layout when they differ).
 struct NamedList {
   const char* name;
-  std::vector<at::Tensor> tensors;
+  at::TensorList tensors;
   bool written;
+};
+
+// The lists of one op call, checked and ready to run: views of the arguments
+// themselves (a step touches hundreds of tensors; no reference-count traffic),
+// except a read-only list that needed copies in another layout, held in `owned`.
+struct Lists {
+  std::vector<at::TensorList> views;
+  std::vector<std::vector<at::Tensor>> owned;
+
+  size_t size() const { return views.size(); }
+  const at::TensorList& operator[](size_t k) const { return views[k]; }
+  bool empty() const { return views.empty() || views[0].empty(); }
 };
 
 // Validates lists[0] (the parameters) against every other list: same length,
 // device, shape and memory layout; params and grads share a dtype, state lists
-// use the parameter's dtype or float32. Returns the lists ready to run, with
-// read-only tensors of another layout replaced by copies in the param's layout.
-std::vector<std::vector<at::Tensor>> check_lists(const char* op, std::vector<NamedList> lists);
+// use the parameter's dtype or float32.
+Lists check_lists(const char* op, const std::vector<NamedList>& lists);
 
 // The checks for one op's gradient list alone (clipping): one device, one dtype.
-std::vector<at::Tensor> check_grads(const char* op, const std::vector<at::Tensor>& grads,
-                                    bool written);
+Lists check_grads(const char* op, at::TensorList grads, bool written);
 
 // TORCH_CHECKs that a hyperparameter lies in [lo, hi] (or [lo, hi) when open_hi).
 void check_range(const char* op, const char* name, double value, double lo, double hi,

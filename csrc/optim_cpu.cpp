@@ -70,7 +70,7 @@ struct Flat {
   std::vector<int64_t> numel;
   std::vector<int64_t> first_line;  // first line of each tensor; one extra entry: the total
 
-  explicit Flat(const std::vector<std::vector<at::Tensor>>& lists) {
+  explicit Flat(const Lists& lists) {
     const size_t n = lists[0].size();
     ptr.resize(n);
     numel.resize(n);
@@ -118,7 +118,7 @@ inline void run_piece(const Rule& rule, std::array<T*, Rule::kLists> p, int64_t 
 }
 
 template <typename T, typename Rule>
-void run_rule(const std::vector<std::vector<at::Tensor>>& lists, const Rule& rule) {
+void run_rule(const Lists& lists, const Rule& rule) {
   if constexpr (requires { rule.skip(); }) {
     if (rule.skip()) return;
   }
@@ -154,9 +154,9 @@ inline void norm_piece(const T* x, int64_t n, T p, Vec<T>* acc) {
 }
 
 template <NormKind K, typename T>
-double norm_flat(const std::vector<at::Tensor>& grads, double norm_type) {
+double norm_flat(const Lists& grads, double norm_type) {
   using V = Vec<T>;
-  const Flat<T, 1> flat({grads});
+  const Flat<T, 1> flat(grads);
   const int64_t blocks = (flat.lines() + kNormBlockLines - 1) / kNormBlockLines;
   std::vector<double> partial(blocks);
   const T p = static_cast<T>(norm_type);
@@ -184,19 +184,19 @@ double norm_flat(const std::vector<at::Tensor>& grads, double norm_type) {
 
 struct CpuBackend {
   template <typename MakeRule>
-  static void apply(const std::vector<std::vector<at::Tensor>>& lists, MakeRule make_rule) {
-    if (lists.empty() || lists[0].empty()) return;
+  static void apply(const Lists& lists, MakeRule make_rule) {
+    if (lists.empty()) return;
     AT_DISPATCH_FLOATING_TYPES(lists[0][0].scalar_type(), "densepipe_optim_cpu", [&] {
       run_rule<scalar_t>(lists, make_rule(Tag<scalar_t>{}));
     });
   }
 
-  static at::Tensor norm(const std::vector<at::Tensor>& grads, NormKind kind, double norm_type) {
+  static at::Tensor norm(const Lists& grads, NormKind kind, double norm_type) {
     double total = 0;
-    AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "densepipe_grad_norm_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(grads[0][0].scalar_type(), "densepipe_grad_norm_cpu", [&] {
       dispatch_norm(kind, [&](auto k) { total = norm_flat<k.value, scalar_t>(grads, norm_type); });
     });
-    return at::scalar_tensor(total, grads[0].options());
+    return at::scalar_tensor(total, grads[0][0].options());
   }
 };
 

@@ -4,7 +4,7 @@
 //   apply(lists, make_rule)  runs the rule make_rule(Tag<T>{}) over every element of
 //                            the lists in place; T is the math type it picks (float,
 //                            or double for float64 params).
-//   norm(grads, kind, p)     the total norm of all grads as one 0-d tensor.
+//   norm(lists, kind, p)     the total norm of all tensors of lists[0] as one 0-d tensor.
 // csrc/optim_cpu.cpp and csrc/cuda/optim.cu instantiate these functions with their
 // backend and register them; the checks and scalar set-up live only here.
 #pragma once
@@ -54,7 +54,7 @@ void dispatch_norm(NormKind kind, Fn&& fn) {
 inline void optional_list(std::vector<NamedList>& lists, const char* op, const char* name,
                           at::TensorList tensors, bool used, const char* when) {
   if (used) {
-    lists.push_back({name, tensors.vec(), true});
+    lists.push_back({name, tensors, true});
   } else {
     TORCH_CHECK(tensors.empty(), "densepipe ", op, ": ", name, " must be empty unless ", when,
                 ", got ", tensors.size(), " tensors");
@@ -62,7 +62,7 @@ inline void optional_list(std::vector<NamedList>& lists, const char* op, const c
 }
 
 inline std::vector<NamedList> param_and_grad(at::TensorList params, at::TensorList grads) {
-  return {{"params", params.vec(), true}, {"grads", grads.vec(), false}};
+  return {{"params", params, true}, {"grads", grads, false}};
 }
 
 template <class Backend>
@@ -79,7 +79,7 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
   const bool has_momentum = momentum != 0;
   auto named = param_and_grad(params, grads);
   optional_list(named, op, "momentum_buffers", momentum_buffers, has_momentum, "momentum != 0");
-  const auto lists = check_lists(op, std::move(named));
+  const Lists lists = check_lists(op, named);
   dispatch_bool(has_momentum, [&](auto M) {
     Backend::apply(lists, [&](auto tag) {
       using T = typename decltype(tag)::type;
@@ -99,8 +99,8 @@ void adagrad_step(at::TensorList params, at::TensorList grads, at::TensorList st
   check_range(op, "eps", eps, 0, INFINITY);
   check_range(op, "step", step, 1, INFINITY);
   auto named = param_and_grad(params, grads);
-  named.push_back({"state_sums", state_sums.vec(), true});
-  const auto lists = check_lists(op, std::move(named));
+  named.push_back({"state_sums", state_sums, true});
+  const Lists lists = check_lists(op, named);
   const double clr = adagrad_lr(lr, lr_decay, step);
   Backend::apply(lists, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -120,10 +120,10 @@ void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList sq
   check_range(op, "momentum", momentum, 0, INFINITY);
   const bool has_momentum = momentum > 0;
   auto named = param_and_grad(params, grads);
-  named.push_back({"square_avgs", square_avgs.vec(), true});
+  named.push_back({"square_avgs", square_avgs, true});
   optional_list(named, op, "momentum_buffers", momentum_buffers, has_momentum, "momentum > 0");
   optional_list(named, op, "grad_avgs", grad_avgs, centered, "centered");
-  const auto lists = check_lists(op, std::move(named));
+  const Lists lists = check_lists(op, named);
   dispatch_bool(has_momentum, [&](auto M) {
     dispatch_bool(centered, [&](auto C) {
       Backend::apply(lists, [&](auto tag) {
@@ -148,10 +148,10 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   check_range(op, "weight_decay", weight_decay, 0, INFINITY);
   check_range(op, "step", step, 1, INFINITY);
   auto named = param_and_grad(params, grads);
-  named.push_back({"exp_avgs", exp_avgs.vec(), true});
-  named.push_back({"exp_avg_sqs", exp_avg_sqs.vec(), true});
+  named.push_back({"exp_avgs", exp_avgs, true});
+  named.push_back({"exp_avg_sqs", exp_avg_sqs, true});
   optional_list(named, op, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad, "amsgrad");
-  const auto lists = check_lists(op, std::move(named));
+  const Lists lists = check_lists(op, named);
   const AdamScalars s = adam_scalars(lr, beta1, beta2, step);
   dispatch_bool(amsgrad, [&](auto A) {
     Backend::apply(lists, [&](auto tag) {
@@ -168,23 +168,23 @@ at::Tensor grad_norm(at::TensorList grads, double norm_type) {
   constexpr const char* op = "grad_norm";
   TORCH_CHECK(!grads.empty(), "densepipe ", op, ": grads is empty; pass at least one tensor");
   const NormKind kind = parse_norm(op, norm_type);
-  return Backend::norm(check_grads(op, grads.vec(), /*written=*/false), kind, norm_type);
+  return Backend::norm(check_grads(op, grads, /*written=*/false), kind, norm_type);
 }
 
 template <class Backend>
 void clip_grads_with_norm(at::TensorList grads, const at::Tensor& total_norm, double max_norm) {
   constexpr const char* op = "clip_grads_with_norm_";
-  const auto checked = check_grads(op, grads.vec(), /*written=*/true);
+  const Lists checked = check_grads(op, grads, /*written=*/true);
   if (checked.empty()) return;
   TORCH_CHECK(total_norm.numel() == 1 && total_norm.is_floating_point(), "densepipe ", op,
               ": total_norm must be a floating-point tensor with one element, got shape ",
               total_norm.sizes(), " and dtype ", total_norm.scalar_type());
-  TORCH_CHECK(total_norm.device() == checked[0].device(), "densepipe ", op, ": total_norm is on ",
-              total_norm.device(), " but grads are on ", checked[0].device());
+  TORCH_CHECK(total_norm.device() == grads[0].device(), "densepipe ", op, ": total_norm is on ",
+              total_norm.device(), " but grads are on ", grads[0].device());
   // The rule reads the norm in the math type where it runs (no host round trip).
-  const bool dbl = checked[0].scalar_type() == at::kDouble;
+  const bool dbl = grads[0].scalar_type() == at::kDouble;
   const at::Tensor norm = total_norm.reshape({}).to(dbl ? at::kDouble : at::kFloat).contiguous();
-  Backend::apply({checked}, [&](auto tag) {
+  Backend::apply(checked, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return ScaleByNormRule<T>{norm.const_data_ptr<T>(), T(max_norm)};
   });
@@ -193,8 +193,8 @@ void clip_grads_with_norm(at::TensorList grads, const at::Tensor& total_norm, do
 template <class Backend>
 void clip_grads_by_value(at::TensorList grads, double clip_value) {
   constexpr const char* op = "clip_grads_by_value_";
-  const auto checked = check_grads(op, grads.vec(), /*written=*/true);
-  Backend::apply({checked}, [&](auto tag) {
+  const Lists checked = check_grads(op, grads, /*written=*/true);
+  Backend::apply(checked, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return ClampRule<T>{T(clip_value)};
   });

@@ -4,6 +4,7 @@ state_dicts, schedulers, param groups, skipped parameters and clear errors."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -206,3 +207,11 @@ def test_group_added_later_steps_with_the_rest():
     train(mt, ot, 20)
     train(mo, oo, 20)
     assert_same(mt, ot, mo, oo, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", sorted(TORCH))
+def test_constructor_signature_is_torchs(name):
+    def shape(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+
+    assert shape(dopt.OPTIMIZERS[name]) == shape(TORCH[name])

@@ -225,3 +225,16 @@ def test_cuda_low_precision_state_survives_a_state_dict_round_trip():
     for key, value in opt.state[p].items():
         assert value.dtype == saved[key].dtype
         assert torch.equal(value, saved[key])
+
+
+def test_grads_in_another_layout_are_read_as_the_params():
+    p, g, m, v = lists(4, sizes=(63,))
+    params = [t.view(7, 9) for t in p]
+    grads_t = [t.view(9, 7).t() for t in g]  # same values as (7, 9), strides (1, 7)
+    twins = [t.clone() for t in params], [t.contiguous() for t in grads_t]
+    state = [t.view(7, 9) for t in m], [t.view(7, 9) for t in v]
+    state_twins = [t.clone() for t in state[0]], [t.clone() for t in state[1]]
+    args = (1e-2, 0.9, 0.999, 1e-8, 0.1, False, True, False, 4.0)
+    ops.adam_step_(params, grads_t, *state, [], *args)
+    ops.adam_step_(*twins, *state_twins, [], *args)
+    torch.testing.assert_close(params, twins[0], rtol=0, atol=0)

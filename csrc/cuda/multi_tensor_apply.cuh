@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../optim.h"
+
 namespace densepipe::optim::cuda {
 
 constexpr int kBlockThreads = 512;
@@ -32,7 +34,7 @@ struct ListMeta {
 // Calls launch(meta, blocks, first_block) once per full argument buffer;
 // first_block numbers the launch's blocks across all launches (for partial results).
 template <int N, typename Launch>
-void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Launch&& launch) {
+void multi_tensor_apply(const Lists& lists, Launch&& launch) {
   ListMeta<N> meta;
   int tensors = 0, blocks = 0;
   int64_t first_block = 0;
@@ -67,7 +69,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Launc
 }
 
 // Number of blocks multi_tensor_apply will run over these tensors.
-inline int64_t total_blocks(const std::vector<at::Tensor>& tensors) {
+inline int64_t total_blocks(at::TensorList tensors) {
   int64_t b = 0;
   for (const auto& t : tensors) b += (t.numel() + kChunk - 1) / kChunk;
   return b;

@@ -177,7 +177,7 @@ template <typename P>
 constexpr bool reduced_v = std::is_same_v<P, c10::Half> || std::is_same_v<P, c10::BFloat16>;
 
 template <typename P, typename S, typename Rule>
-void launch_rule(const std::vector<std::vector<at::Tensor>>& lists, const Rule& rule) {
+void launch_rule(const Lists& lists, const Rule& rule) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   multi_tensor_apply<Rule::kLists>(lists, [&](const ListMeta<Rule::kLists>& meta, int blocks, int64_t) {
     rule_kernel<P, S, Rule><<<blocks, kBlockThreads, 0, stream>>>(meta, rule);
@@ -189,8 +189,8 @@ void launch_rule(const std::vector<std::vector<at::Tensor>>& lists, const Rule& 
 
 struct CudaBackend {
   template <typename MakeRule>
-  static void apply(const std::vector<std::vector<at::Tensor>>& lists, MakeRule make_rule) {
-    if (lists.empty() || lists[0].empty()) return;
+  static void apply(const Lists& lists, MakeRule make_rule) {
+    if (lists.empty()) return;
     const at::Tensor& p0 = lists[0][0];
     const c10::cuda::CUDAGuard guard(p0.device());
     const bool fp32_state = lists.size() > 2 && lists[2][0].scalar_type() == at::kFloat;
@@ -207,7 +207,8 @@ struct CudaBackend {
     });
   }
 
-  static at::Tensor norm(const std::vector<at::Tensor>& grads, NormKind kind, double norm_type) {
+  static at::Tensor norm(const Lists& lists, NormKind kind, double norm_type) {
+    const at::TensorList grads = lists[0];
     const c10::cuda::CUDAGuard guard(grads[0].device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     at::Tensor out = at::empty({}, grads[0].options());
@@ -217,7 +218,7 @@ struct CudaBackend {
       const int64_t blocks = total_blocks(grads);
       at::Tensor partial = at::empty({blocks}, grads[0].options().dtype(c10::CppTypeToScalarType<A>::value));
       dispatch_norm(kind, [&](auto k) {
-        multi_tensor_apply<1>({grads}, [&](const ListMeta<1>& meta, int nblocks, int64_t first) {
+        multi_tensor_apply<1>(lists, [&](const ListMeta<1>& meta, int nblocks, int64_t first) {
           norm_kernel<P, k.value><<<nblocks, kBlockThreads, 0, stream>>>(
               meta, partial.mutable_data_ptr<A>(), first, static_cast<A>(norm_type));
           C10_CUDA_KERNEL_LAUNCH_CHECK();

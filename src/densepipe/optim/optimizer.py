@@ -135,10 +135,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads = _with_grads(group["params"])  # the kernels refuse sparse grads by name
             if not params:
                 continue
-            grads = [p.grad for p in params]  # the kernels refuse sparse ones by name
             states, keys = self._prepare(group, params)
             for key, idx in _buckets(params, keys):
                 if idx is None:
@@ -147,6 +146,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._step(group, [params[i] for i in idx], [grads[i] for i in idx],
                                [states[i] for i in idx], key)
         return loss
+
+
+def _with_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters that have a gradient, and their gradients (each .grad read once)."""
+    grads = [p.grad for p in params]
+    kept = [p for p, g in zip(params, grads, strict=True) if g is not None]
+    return kept, grads if len(kept) == len(grads) else [g for g in grads if g is not None]
 
 
 def _buckets(params: list[Tensor], keys: list[Hashable]):
