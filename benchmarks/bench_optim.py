@@ -10,6 +10,8 @@ The bound is memory bandwidth: an optimizer step must stream its state through
 memory once, so each optimizer's bytes per parameter (e.g. Adam reads p, g, m, v
 and writes p, m, v: 7 x 4 bytes) over the time gives its GB/s, compared with the
 GB/s of an in-place streaming op (addcmul_: 3 reads + 1 write) over a large tensor.
+"many small" fits in the last-level cache (0.5M params: 10-14 MB with state), so
+its GB/s may pass the DRAM bound; what counts there is the per-tensor overhead.
 
     python benchmarks/bench_optim.py [--device cuda] [--rounds 30] [--only adam,sgd]
 """
@@ -130,7 +132,7 @@ def main() -> None:
     bound = StreamBound(args.device)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"times: ms of one step, {args.stat} of {args.rounds} interleaved rounds; "
-          "bound: addcmul_ GB/s timed alongside each row")
+          "bound: addcmul_ GB/s timed alongside each few-large row")
     cols = ["for-loop", "foreach", "fused"]
     head = (f"{'set':<10} {'optimizer':<8} {'B/param':>7} {'ours ms':>8} "
             + " ".join(f"{c + ' ms':>11}" for c in cols) + " "
@@ -138,18 +140,24 @@ def main() -> None:
             + f" {'ours GB/s':>9} {'bound GB/s':>10} {'% bound':>7}")
     print(head)
     print("-" * len(head))
+    best_bound = 0.0  # GB/s
     for set_name, make in (("few large", few_large), ("many small", many_small)):
         tensors = make(args.device)
         numel = sum(t.numel() for t in tensors)
+        # The bound takes turns with the "few large" steps (all stream from DRAM); it would
+        # evict "many small" (cache-resident) between its steps, so those use the best bound seen.
+        timed_bound = {"bound": bound} if set_name == "few large" else {}
         for name in args.only.split(","):
             per_param = bytes_per_param(OPTIMIZERS[name][3])
             made = {v: make_optimizer(cls, kw, tensors) for v, (cls, kw) in variants(name).items()}
             opts = {v: o for v, o in made.items() if o is not None}
-            ms = interleaved_ms({**{v: o.step for v, o in opts.items()}, "bound": bound},
+            ms = interleaved_ms({**{v: o.step for v, o in opts.items()}, **timed_bound},
                                 args.device, args.rounds, args.stat)
-            del opts
+            del made, opts
+            if "bound" in ms:
+                best_bound = max(best_bound, bound.nbytes / (ms["bound"] * 1e-3) / 1e9)
+            bound_gbs = bound.nbytes / (ms["bound"] * 1e-3) / 1e9 if "bound" in ms else best_bound
             gbs = per_param * numel / (ms["ours"] * 1e-3) / 1e9
-            bound_gbs = bound.nbytes / (ms["bound"] * 1e-3) / 1e9
             times = " ".join(f"{ms[c]:>11.3f}" if c in ms else f"{'-':>11}" for c in cols)
             ratios = " ".join(f"{ms['ours'] / ms[c]:>13.2f}" if c in ms else f"{'-':>13}" for c in cols)
             print(f"{set_name:<10} {name:<8} {per_param:>7} {ms['ours']:>8.3f} {times} {ratios} "
