@@ -72,11 +72,9 @@ def advance_steps(steps: list[Tensor]) -> list[float]:
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Subclasses define `_init_state(group, p)` (a fresh state dict, or {} for none) and
-    `_step(group, params, grads, states, step)`: one kernel call for a bucket whose
-    parameters share device, dtype and step count."""
-
-    counts_steps = True  # keeps state["step"] and passes it to _step
+    """Subclasses define `_init_state(group, p)` (a fresh state dict with a "step"
+    counter) and `_step(group, params, grads, states, step)`: one kernel call for a
+    bucket whose parameters share device, dtype and step count."""
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -122,8 +120,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p, s in zip(params, states, strict=True):
             if not s:
                 s.update(self._init_state(group, p))
-        if not self.counts_steps:
-            return states, [None] * len(params)
         return states, advance_steps([s["step"] for s in states])
 
     # ------------------------------------------------------------------- step

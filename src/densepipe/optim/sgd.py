@@ -12,8 +12,6 @@ class SGD(FusedOptimizer):
     """torch.optim.SGD's arguments and state ("momentum_buffer", made on the first step
     with momentum, as the gradient itself); one fused kernel call per group."""
 
-    counts_steps = False  # SGD keeps no step counter
-
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -32,6 +30,7 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _prepare(self, group, params):
+        # No step counter (as torch): the bucket key is whether the buffer is new.
         if group["momentum"] == 0:
             return [{}] * len(params), [False] * len(params)
         states = [self.state[p] for p in params]
