@@ -38,19 +38,19 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-constexpr int64_t kLineBytes = 64;          // one cache line
-constexpr int64_t kMinTaskBytes = 64 * 1024;  // per list and task: amortizes taking a task
-constexpr int64_t kTasksPerThread = 8;        // enough for a busy thread's share to move,
-                                              // few enough to keep long sequential streams
-constexpr int64_t kNormBlockLines = 256;    // one partial sum of the norm; fixed, so the
-                                            // result does not depend on the thread count
+constexpr int64_t kLineBytes = 64;              // one cache line
+constexpr int64_t kMinShareBytes = 64 * 1024;   // per list and share: amortizes taking a share
+constexpr int64_t kSharesPerThread = 8;         // enough for a busy thread's work to move,
+                                                // few enough to keep long sequential streams
+constexpr int64_t kNormBlockLines = 256;        // one partial sum of the norm; fixed, so the
+                                                // result does not depend on the thread count
 
-// Runs fn(task) for tasks [0, n) in one at::parallel_for region whose threads each
-// take the next task as they finish one: a thread that starts late or runs slow
-// (a core shared with data-loader workers or other processes) leaves its share
-// to the others instead of holding a fixed half of the range.
+// Runs fn(share) for shares [0, n) of the work in one at::parallel_for region whose
+// threads each take the next share as they finish one: a thread that starts late
+// or runs slow (a core shared with data-loader workers or other processes) leaves
+// its part to the others instead of holding a fixed half of the range.
 template <typename Fn>
-void parallel_tasks(int64_t n, const Fn& fn) {
+void parallel_shares(int64_t n, const Fn& fn) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (threads <= 1 || at::in_parallel_region()) {
     for (int64_t t = 0; t < n; ++t) fn(t);
@@ -123,11 +123,11 @@ void run_rule(const Lists& lists, const Rule& rule) {
     if (rule.skip()) return;
   }
   const Flat<T, Rule::kLists> flat(lists);
-  const int64_t task_lines = std::max(kMinTaskBytes / kLineBytes,
-                                      flat.lines() / (kTasksPerThread * at::get_num_threads()) + 1);
-  parallel_tasks((flat.lines() + task_lines - 1) / task_lines, [&](int64_t task) {
-    const int64_t l0 = task * task_lines;
-    flat.for_each_piece(l0, std::min(flat.lines(), l0 + task_lines), [&](size_t t, int64_t begin, int64_t end) {
+  const int64_t share_lines = std::max(kMinShareBytes / kLineBytes,
+                                       flat.lines() / (kSharesPerThread * at::get_num_threads()) + 1);
+  parallel_shares((flat.lines() + share_lines - 1) / share_lines, [&](int64_t share) {
+    const int64_t l0 = share * share_lines;
+    flat.for_each_piece(l0, std::min(flat.lines(), l0 + share_lines), [&](size_t t, int64_t begin, int64_t end) {
       std::array<T*, Rule::kLists> p = flat.ptr[t];
       for (auto& q : p) q += begin;
       run_piece<T>(rule, p, end - begin);
@@ -160,7 +160,7 @@ double norm_flat(const Lists& grads, double norm_type) {
   const int64_t blocks = (flat.lines() + kNormBlockLines - 1) / kNormBlockLines;
   std::vector<double> partial(blocks);
   const T p = static_cast<T>(norm_type);
-  parallel_tasks(blocks, [&](int64_t b) {
+  parallel_shares(blocks, [&](int64_t b) {
     V acc[4];
     for (auto& a : acc) a = V(norm_identity<K, T>());
     flat.for_each_piece(b * kNormBlockLines, std::min(flat.lines(), (b + 1) * kNormBlockLines),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import densepipe.optim as dopt
-from optim_helpers import DEVICES, SIZES
+from optim_probe import DEVICES, SIZES
 
 NORMS = [2.0, 1.0, 3.0, math.inf, -math.inf, "inf"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float64: dict(rtol=1e-12, atol=1e-15)}

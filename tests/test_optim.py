@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import densepipe.optim as dopt
-from optim_helpers import TOL, Probe, assert_same, train
+from optim_probe import TOL, Probe, assert_same, train
 
 STEPS = 50
 

@@ -8,7 +8,7 @@ import torch
 
 import densepipe  # noqa: F401  (import densepipe alone registers the ops)
 import densepipe.optim as dopt
-from optim_helpers import DEVICES, SIZES
+from optim_probe import DEVICES, SIZES
 
 ops = torch.ops.densepipe
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

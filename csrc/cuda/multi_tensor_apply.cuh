@@ -1,7 +1,7 @@
 // Multi-tensor apply: one kernel launch covers many tensors. The host cuts every
 // tensor into chunks of kChunk elements and packs, per launch, the tensors' data
 // pointers and sizes plus a block -> (tensor, chunk) map into the kernel's
-// argument buffer (no device-side metadata, no extra copies); a launch is issued
+// argument buffer (no device-side metadata, no extra copies); a launch is made
 // whenever that buffer is full. Indexing is 64-bit throughout.
 #pragma once
 
