@@ -46,6 +46,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_dense.py
+	$(PY) benchmarks/bench_optim.py
 
 clean:
 	rm -rf build src/densepipe/*.so src/*.egg-info

@@ -1,4 +1,18 @@
-"""Fused optimizers. Until the kernels land, torch.optim's classes stand in with the same API."""
+"""Fused optimizers and gradient clipping on densepipe's multi-tensor kernels.
 
-from torch.optim import SGD, Adagrad, Adam, AdamW, RMSprop  # noqa: F401
-from torch.nn.utils import clip_grad_norm_, clip_grad_value_  # noqa: F401
+Drop-in replacements for torch.optim.SGD / Adagrad / RMSprop / Adam / AdamW and
+torch.nn.utils.clip_grad_norm_ / clip_grad_value_: same arguments, same state
+layout (state_dicts load in either direction), one kernel call per parameter group.
+"""
+
+from densepipe.optim.adagrad import Adagrad
+from densepipe.optim.adam import Adam, AdamW
+from densepipe.optim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+from densepipe.optim.optimizer import FusedOptimizer
+from densepipe.optim.rmsprop import RMSprop
+from densepipe.optim.sgd import SGD
+
+OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW}
+
+__all__ = ["OPTIMIZERS", "SGD", "Adagrad", "Adam", "AdamW", "FusedOptimizer", "RMSprop",
+           "clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
