@@ -39,7 +39,9 @@ template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
 constexpr int64_t kLineBytes = 64;              // one cache line
-constexpr int64_t kMinShareBytes = 64 * 1024;   // per list and share: amortizes taking a share
+constexpr int64_t kMinShareBytes = 256 * 1024;  // per list and share: below this a step runs on one
+                                                // thread, since waking others costs more than it
+                                                // saves (and stalls when cores are shared)
 constexpr int64_t kSharesPerThread = 8;         // enough for a busy thread's work to move,
                                                 // few enough to keep long sequential streams
 constexpr int64_t kNormBlockLines = 256;        // one partial sum of the norm; fixed, so the
