@@ -61,6 +61,7 @@ class Trainer:
         self.epochs, self.start_epoch = cfg.epochs, 0
         self.stop, self.stop_reason = False, None
         self.shuffle_gen = torch.Generator(device=self.device).manual_seed(seed)
+        torch.manual_seed(seed)  # dropout and noise layers draw from the global generator
         self.dense_names = list(model.dense_layers())
 
     # ------------------------------------------------------------ callback services
@@ -92,7 +93,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for cb, s in zip(self.callbacks, state["callbacks"]):
+        for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(s)
         self.history.records = list(state["history"])
         torch.set_rng_state(state["torch_rng"])
@@ -127,7 +128,7 @@ class Trainer:
 
     def _finish(self, stats: list[Tensor]) -> list[Tensor]:
         names = self._log_names()
-        return [METRICS[m].finish(s) for (_, _, m), s in zip(names, stats)]
+        return [METRICS[m].finish(s) for (_, _, m), s in zip(names, stats, strict=True)]
 
     # --------------------------------------------------------------------- epochs
     def _batches(self, n: int, bs: int):
@@ -163,7 +164,7 @@ class Trainer:
                                         torch.full_like(first_bad, b), first_bad)
                 loss_sum += torch.stack([total, *parts]).double() * rows
                 s = self._metric_stats(raw, yb)
-                stats = s if stats is None else [a + c for a, c in zip(stats, s)]
+                stats = s if stats is None else [a + c for a, c in zip(stats, s, strict=True)]
                 if dense:
                     grads = [w.grad for w in dense]
                     grad_sq += torch.stack(torch._foreach_norm(grads)).double() ** 2
@@ -192,14 +193,15 @@ class Trainer:
             total, parts = self._losses(raw, yb)
             loss_sum += torch.stack([total, *parts]).double() * next(iter(xb.values())).shape[0]
             s = self._metric_stats(raw, yb)
-            stats = s if stats is None else [a + c for a, c in zip(stats, s)]
+            stats = s if stats is None else [a + c for a, c in zip(stats, s, strict=True)]
         return loss_sum / data.n, self._finish(stats or [])
 
     def _logs(self, prefix: str, losses: list[float], metrics: list[float]) -> dict:
         logs = {f"{prefix}loss": losses[0]}
         if len(self.model.heads) > 1:
-            logs.update({f"{prefix}{name}_loss": v for name, v in zip(self.model.heads, losses[1:])})
-        logs.update({f"{prefix}{key}": v for (key, _, _), v in zip(self._log_names(), metrics)})
+            heads = zip(self.model.heads, losses[1:], strict=True)
+            logs.update({f"{prefix}{name}_loss": v for name, v in heads})
+        logs.update({f"{prefix}{key}": v for (key, _, _), v in zip(self._log_names(), metrics, strict=True)})
         return logs
 
     # ------------------------------------------------------------------------ fit
@@ -249,14 +251,15 @@ class Trainer:
                     break
                 raise DivergenceError(msg)
             logs.update({"lr": lr, "epoch_seconds": seconds, "samples_per_sec": train.n / seconds})
-            logs.update({f"grad_norm/{n}": v for n, v in zip(self.dense_names, norms)})
+            logs.update({f"grad_norm/{n}": v for n, v in zip(self.dense_names, norms, strict=True)})
             self.history.append(epoch, logs)
             progress.epoch(epoch, logs)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, logs)
             last_good = self.weights_copy()
             done = self.stop or epoch + 1 == self.epochs
-            if self._save_checkpoint is not None and not done and (epoch + 1) % self.cfg.checkpoint_every == 0:
+            due = (epoch + 1) % self.cfg.checkpoint_every == 0
+            if self._save_checkpoint is not None and due and not done:
                 self._save_checkpoint(self.state_dict(epoch + 1))
             if self.stop:
                 self.log(self.stop_reason)
