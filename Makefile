@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.densepipe-installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)  # dvc.yaml's commands call `densepipe`
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
@@ -19,7 +20,7 @@ $(PY):
 venv: $(PY)
 
 # torch first, and only when none is importable: an open range would pull a CUDA build.
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install "setuptools>=68" wheel ninja
 	$(PIP) install --no-build-isolation -e ".[dev]"
@@ -33,8 +34,8 @@ cuda-headers: $(PY)
 	$(PY) -m densepipe._cuda_headers $(VENV)/cuda-headers
 
 run: install
-	@if [ -f dvc.yaml ]; then $(VENV)/bin/dvc repro && $(PY) -m densepipe.cli where; \
-	else echo "pipeline not built yet: dvc.yaml is missing"; fi
+	$(VENV)/bin/dvc repro
+	$(PY) -m densepipe where
 
 test: install
 	@command -v nvcc >/dev/null && $(MAKE) --no-print-directory cuda-headers || true
@@ -48,3 +49,6 @@ bench: install
 
 clean:
 	rm -rf build src/densepipe/*.so src/*.egg-info
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000

@@ -25,7 +25,8 @@ def _load_build_helpers():
 
 
 _build = _load_build_helpers()
-cpu_capability, cublas_include_dirs = _build.cpu_capability, _build.cublas_include_dirs
+cpu_capability, cublas_include_dirs, cublaslt_link = (
+    _build.cpu_capability, _build.cublas_include_dirs, _build.cublaslt_link)
 
 ISA_FLAGS = {  # compiler flags that match ATen's vectorized code paths
     "DEFAULT": [],
@@ -53,16 +54,22 @@ def extension():
     common = dict(name="densepipe._C", sources=sources, extra_link_args=["-fopenmp"])
     if not want_cuda():
         return cpp_extension.CppExtension(**common, extra_compile_args={"cxx": cxx})
-    includes = cublas_include_dirs()
-    libdirs = [os.path.join(os.path.dirname(d), "lib") for d in includes]
-    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DDENSEPIPE_CUDA"]
+    includes, link = cublas_include_dirs(), cublaslt_link()
+    if not includes or link is None:
+        state = (f"cublasLt.h {'found' if includes else 'missing'}, "
+                 f"libcublasLt {'found' if link else 'missing'}")
+        raise SystemExit(f"CUDA build: cuBLASLt not found ({state}); install the nvidia-cublas wheel or a "
+                         "CUDA toolkit with cuBLAS, or build for CPU with DENSEPIPE_CUDA=0")
+    # No --use_fast_math: the epilogues are memory bound, and exact expf/erff/tanhf
+    # keep results within rounding of torch's own activations.
+    nvcc = ["-O3", "-std=c++20", "-lineinfo", "-DDENSEPIPE_CUDA"]
     common["sources"] += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    common["extra_link_args"] += link["extra_link_args"]
     return cpp_extension.CUDAExtension(
         **common,
         include_dirs=includes,
-        library_dirs=libdirs,
-        libraries=["cublasLt"],
-        runtime_library_dirs=libdirs,
+        library_dirs=link["library_dirs"],
+        runtime_library_dirs=link["runtime_library_dirs"],
         extra_compile_args={"cxx": cxx + ["-DDENSEPIPE_CUDA"], "nvcc": nvcc},
     )
 

@@ -185,7 +185,7 @@ PARAMS = {
 
 def stage_args(tmp, run):
     out = tmp / run
-    return argparse.Namespace(params=str(tmp / "params.yaml"), data=str(tmp / "processed"),
+    return argparse.Namespace(params=str(tmp / "params.yaml"), set=[], data=str(tmp / "processed"),
                               model=str(out / "model.pt"), checkpoint=str(out / "checkpoint.pt"),
                               metrics=str(out / "train.json"), history=str(out / "history.csv"),
                               run=str(out / "run.json"))
@@ -201,9 +201,10 @@ def outputs(args):
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    params = str(tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    split_stage.run(argparse.Namespace(params=str(tmp_path / "params.yaml"), out=str(tmp_path / "split")))
-    scale_stage.run(argparse.Namespace(params=str(tmp_path / "params.yaml"), split=str(tmp_path / "split"),
+    split_stage.run(argparse.Namespace(params=params, set=[], out=str(tmp_path / "split")))
+    scale_stage.run(argparse.Namespace(params=params, set=[], split=str(tmp_path / "split"),
                                        out=str(tmp_path / "processed")))
     whole = stage_args(tmp_path, "whole")
     train_stage.run(whole)

@@ -45,6 +45,20 @@ def cuda_home() -> str | None:
     return None
 
 
+def _pip_nvidia_roots() -> list[str]:
+    """pip's CUDA wheels: site-packages/nvidia/<name>/{include,lib}, <name> being
+    the library (cublas, CUDA 12 wheels) or the CUDA major (cu13, CUDA 13 wheels)."""
+    return [r for d in _site_dirs() for r in sorted(glob.glob(os.path.join(d, "nvidia", "*")))]
+
+
+def _toolkit_lib_dirs() -> list[str]:
+    home = cuda_home()
+    if not home:
+        return []
+    return [os.path.join(home, "lib64"), os.path.join(home, "lib"),
+            *sorted(glob.glob(os.path.join(home, "targets", "*", "lib")))]
+
+
 def cublas_include_dirs() -> list[str]:
     """Directories holding cublasLt.h: the toolkit's own, pip's nvidia-cublas, or
     headers unpacked by `make cuda-headers` (the toolkit here ships without them)."""
@@ -53,10 +67,35 @@ def cublas_include_dirs() -> list[str]:
     home = cuda_home()
     if home:
         candidates.append(os.path.join(home, "include"))
-    for d in _site_dirs():
-        candidates += glob.glob(os.path.join(d, "nvidia", "*", "include"))
+    candidates += [os.path.join(r, "include") for r in _pip_nvidia_roots()]
     candidates += glob.glob(os.path.join(here, ".venv", "cuda-headers", "nvidia", "*", "include"))
     return [d for d in candidates if os.path.exists(os.path.join(d, "cublasLt.h"))][:1]
+
+
+def _soname_major(name: str) -> int:
+    tail = name.rsplit(".so.", 1)[-1].split(".")[0]
+    return int(tail) if tail.isdigit() else -1
+
+
+def cublaslt_link() -> dict[str, list[str]] | None:
+    """Linker settings for libcublasLt, or None when no copy is found.
+
+    pip's wheels come first: a CUDA build of torch from pip loads its cuBLASLt from
+    there, and linking the same soname keeps one copy in the process. Those wheels
+    ship only the versioned file (libcublasLt.so.13), which `-lcublasLt` cannot find,
+    so that case links it by file name (`-l:libcublasLt.so.13`)."""
+    for libdir in [os.path.join(r, "lib") for r in _pip_nvidia_roots()] + _toolkit_lib_dirs():
+        if os.path.exists(os.path.join(libdir, "libcublasLt.so")):
+            flag = "-lcublasLt"
+        else:
+            versioned = glob.glob(os.path.join(libdir, "libcublasLt.so.*"))
+            if not versioned:
+                continue
+            # The soname itself (libcublasLt.so.13 rather than .so.13.1.0.3), newest major first.
+            best = min((os.path.basename(v) for v in versioned), key=lambda n: (-_soname_major(n), len(n)))
+            flag = f"-l:{best}"
+        return {"library_dirs": [libdir], "runtime_library_dirs": [libdir], "extra_link_args": [flag]}
+    return None
 
 
 # The CPU build of torch ships the c10/cuda headers but not this generated one;

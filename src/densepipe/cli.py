@@ -106,8 +106,10 @@ def where(argv):
 
 
 def _run_stage(module_name: str, argv: list[str]) -> None:
+    from densepipe.stages.common import add_common_arguments
     module = importlib.import_module(module_name)
     p = argparse.ArgumentParser(prog=f"densepipe {module_name.rsplit('.', 1)[-1]}", description=module.__doc__)
+    add_common_arguments(p)
     module.add_arguments(p)
     module.run(p.parse_args(argv))
 

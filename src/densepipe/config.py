@@ -8,6 +8,7 @@ so the schema can never accept a name the code would not run.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
@@ -205,9 +206,12 @@ class OutputConfig(Section):
 
 class ModelConfig(Section):
     kernels: Literal["fused", "reference"] = "fused"   # reference: plain torch layers
+    initializer: str | dict[str, Any] | None = None   # default for dense layers that set none
     inputs: dict[str, InputConfig] = {}     # graph models: named inputs (default: one, "features")
     layers: list[LayerConfig] = Field(min_length=1)
     outputs: dict[str, OutputConfig] = {}   # graph models: node name -> its target and loss
+
+    _init = field_validator("initializer")(_in(_initializers))
 
     def layer_names(self) -> list[str]:
         """Each layer's graph name: its `name`, else `<type>_<position>` (dense_1, dropout_2, ...)."""
@@ -312,6 +316,7 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     threshold: float = Field(0.5, gt=0, lt=1)  # binary decision threshold
+    embedding_layer: str | None = None         # save this layer's output on the test rows (autoencoders)
 
 
 class ReportConfig(Section):
@@ -431,7 +436,29 @@ def parse(raw: dict) -> Config:
         raise ConfigError(format_errors(err)) from None
 
 
-def load(path: str | Path = "params.yaml") -> Config:
+_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Sets one `key.path[0].name=value` (DVC's -S syntax; the value is YAML) in raw."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=5")
+    parts = [int(i) if i else name for name, i in _PART.findall(key.strip())]
+    node = raw
+    for here, nxt in zip(parts, parts[1:], strict=False):  # each part with the next
+        try:
+            node = node[here] if not isinstance(node, dict) or here in node else node.setdefault(
+                here, [] if isinstance(nxt, int) else {})
+        except (IndexError, KeyError, TypeError):
+            raise ConfigError(f"--set {assignment!r}: '{key}' does not exist in the params") from None
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except (IndexError, TypeError):
+        raise ConfigError(f"--set {assignment!r}: '{key}' does not exist in the params") from None
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
@@ -439,6 +466,8 @@ def load(path: str | Path = "params.yaml") -> Config:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
     return parse(raw)
 
 

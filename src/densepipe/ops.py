@@ -29,8 +29,9 @@ def _dense_forward_fake(x, weight, bias, activation, alpha):
 
 @torch.library.register_fake("densepipe::dense_backward")
 def _dense_backward_fake(grad_y, x, weight, saved, activation, alpha, output_mask):
-    dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
-    dw = torch.empty_like(weight) if output_mask[1] else x.new_empty(0)
+    # Contiguous like the kernels' GEMM outputs (empty_like would copy a strided x's layout).
+    dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
+    dw = x.new_empty(weight.shape) if output_mask[1] else x.new_empty(0)
     db = x.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
     return dx, dw, db
 

@@ -145,6 +145,14 @@ def _finite(v) -> bool:
         return False
 
 
+def _artifact_root(uri: str) -> str | None:
+    """Local stores keep artifacts beside them at the project root (not in the working
+    directory, which is a temp copy for `dvc exp run --temp`); servers choose their own."""
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        return (project_root() / "mlartifacts").as_uri()
+    return None
+
+
 def start_run(mlflow_cfg, run_file: str | Path, run_name: str | None = None) -> Tracker:
     """Creates the pipeline's run and records it in run_file."""
     if not mlflow_cfg.enabled:
@@ -154,7 +162,8 @@ def start_run(mlflow_cfg, run_file: str | Path, run_name: str | None = None) -> 
     uri = tracking_uri(mlflow_cfg)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(mlflow_cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(mlflow_cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        mlflow_cfg.experiment, artifact_location=_artifact_root(uri))
     name = mlflow_cfg.run_name or run_name or os.environ.get("DVC_EXP_NAME")
     run = client.create_run(exp_id, run_name=name, tags=run_tags())
     write_json(run_file, {"run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": uri})

@@ -25,6 +25,7 @@ class BuildContext:
     generator: torch.Generator         # seeded: same params -> same initial weights
     auto_units: int | None = None      # width an output layer gets from the data (units: auto)
     activation: str | None = None      # an output layer's activation after its head was split off
+    initializer: str | dict | None = None  # model-wide default for layers that name none
 
 
 LAYERS: Registry[Callable[..., tuple[nn.Module, int]]] = Registry("layer type")
@@ -56,7 +57,8 @@ def build_dense(cfg, widths: list[int], ctx: BuildContext):
     activation = ctx.activation or cfg.activation
     cls = FusedDense if ctx.kernels == "fused" else ReferenceDense
     layer = cls(in_w, units, cfg.use_bias, activation, cfg.alpha)
-    initialize(layer.weight, cfg.initializer, ctx.generator)
+    explicit = "initializer" in cfg.model_fields_set or ctx.initializer is None
+    initialize(layer.weight, cfg.initializer if explicit else ctx.initializer, ctx.generator)
     if layer.bias is not None:
         initialize(layer.bias, cfg.bias_initializer, ctx.generator)
     layer.l1, layer.l2 = cfg.l1, cfg.l2  # kernel penalties, summed by DenseModel.penalty()

@@ -123,9 +123,12 @@ def squared_hinge(raw, target, head="linear"):
 
 @LOSSES.register("perceptron")
 def perceptron(raw, target, head="step"):
-    # Rosenblatt's criterion: SGD on max(0, -y z) is the perceptron update rule.
+    # Rosenblatt's criterion max(0, -y z), with z = 0 counted as a mistake (as the step
+    # unit's z >= 0 -> 1 and scikit-learn's Perceptron do): its SGD step is the perceptron rule,
+    # and a zero-initialized unit still learns.
     z, t = _flat(raw, target)
-    return F.relu(-_signed(t, z.dtype) * z).mean(dim=1)
+    margin = _signed(t, z.dtype) * z
+    return (-margin * (margin <= 0).to(z.dtype)).mean(dim=1)
 
 
 @LOSSES.register("kl_divergence", "kld", "kullback_leibler_divergence")

@@ -148,7 +148,7 @@ def build_model(model_cfg, train_cfg, spec: DataSpec, seed: int = 0) -> DenseMod
         if missing:
             raise ValueError(f"{where}: inputs {missing} are not defined before it; "
                              f"known: {', '.join(widths)}")
-        ctx = BuildContext(kernels=model_cfg.kernels, generator=generator)
+        ctx = BuildContext(kernels=model_cfg.kernels, generator=generator, initializer=model_cfg.initializer)
         head_act = None
         if name in outputs:
             target = spec.targets[outputs[name]["target"]]

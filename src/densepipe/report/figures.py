@@ -189,6 +189,23 @@ def reconstructions(ctx):
     return fig
 
 
+@FIGURES.register("embedding")
+def embedding(ctx):
+    t = ctx["plots"].get("embedding")
+    if t is None:
+        return None
+    dims = [c for c in t.columns if c.startswith("dim")]
+    labels = [c for c in t.columns if not c.startswith("dim")]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    color = t[labels[0]].astype("category").cat.codes if labels else None
+    xy = t[dims[:2]].to_numpy() if len(dims) >= 2 else np.c_[t[dims[0]], np.zeros(len(t))]
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=color, cmap="tab10", s=10)
+    if labels:
+        ax.legend(*sc.legend_elements(), title=labels[0], fontsize=7, loc="best")
+    ax.set_title("bottleneck embedding (test rows, first two dims)")
+    return fig
+
+
 def render_all(ctx) -> list[tuple[str, bytes]]:
     """(name, png) for every figure that applies to this run."""
     out = []

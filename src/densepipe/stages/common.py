@@ -11,8 +11,14 @@ from densepipe import config as config_mod
 from densepipe.config import ConfigError
 
 
-def load_params(path: str) -> config_mod.Config:
-    return config_mod.load(path)
+def add_common_arguments(p) -> None:
+    p.add_argument("--params", default="params.yaml", help="the pipeline's params file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param, e.g. --set model.initializer=zeros (repeatable)")
+
+
+def load_params(args) -> config_mod.Config:
+    return config_mod.load(args.params, args.set)
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ import pandas as pd
 
 from densepipe import tracking
 from densepipe.checkpoint import load_model
+from densepipe.config import ConfigError
 from densepipe.data.arrays import load_arrays
 from densepipe.data.preprocess import RECONSTRUCTION
 from densepipe.evaluate import evaluate_output
@@ -20,7 +21,6 @@ PLOT_ONLY = ("confusion_matrix",)  # kept out of the metrics file: it is plot da
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--model", default="models/model.pt")
     p.add_argument("--data", default="data/processed")
     p.add_argument("--split", default="data/split")
@@ -56,8 +56,30 @@ def evaluate_model(loaded, features, targets) -> tuple[dict, dict[str, pd.DataFr
     return metrics, plots, full
 
 
+def embedding_table(loaded, features, raw: pd.DataFrame, layer: str) -> pd.DataFrame:
+    """The named layer's output on the test rows, with the rows' labels where the data has any."""
+    import torch
+
+    from densepipe.data.arrays import input_columns
+    if layer not in loaded.model.layers:
+        raise ConfigError(f"evaluate.embedding_layer: no layer named '{layer}'; layers: "
+                          f"{', '.join(loaded.model.layers)}")
+    captured = {}
+    hook = loaded.model.layers[layer].register_forward_hook(lambda m, i, out: captured.update(out=out))
+    X = torch.from_numpy(features)
+    with torch.no_grad():
+        loaded.model({n: X[:, idx] for n, idx in input_columns(loaded.preprocessor, loaded.config.model).items()})
+    hook.remove()
+    emb = captured["out"].cpu().numpy()
+    table = pd.DataFrame(emb, columns=[f"dim{i}" for i in range(emb.shape[1])])
+    labels = [c for c in raw.columns if c not in loaded.preprocessor.state["features"]]
+    for c in labels:
+        table[c] = raw[c].to_numpy()
+    return table
+
+
 def run(args) -> None:
-    load_params(args.params)  # a bad params file stops here, before any output is touched
+    load_params(args)  # a bad params file stops here, before any output is touched
     loaded = load_model(args.model)
     features, targets = load_arrays(Path(args.data) / "test.npz")
     metrics, plots, full = evaluate_model(loaded, features, targets)
@@ -66,6 +88,9 @@ def run(args) -> None:
     for name, table in plots.items():
         write_with(Path(args.plots) / f"{name}.csv", lambda p, t=table: t.to_csv(p, index=False))
     raw = pd.read_parquet(Path(args.split) / "test.parquet")
+    if loaded.config.evaluate.embedding_layer:
+        table = embedding_table(loaded, features, raw, loaded.config.evaluate.embedding_layer)
+        write_with(Path(args.plots) / "embedding.csv", lambda p: table.to_csv(p, index=False))
     predictions = predict_frame(loaded, raw)
     shown = pd.concat([raw.reset_index(drop=True), predictions.reset_index(drop=True)], axis=1)
     write_with(args.predictions, lambda p: shown.to_csv(p, index=False))

@@ -22,7 +22,6 @@ from densepipe.stages.common import load_params
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--model", default="models/model.pt")
     p.add_argument("--data", default="data/processed")
     p.add_argument("--history", default="plots/history.csv")
@@ -54,7 +53,7 @@ def _context(args, loaded) -> dict:
 
 
 def run(args) -> None:
-    cfg = load_params(args.params)
+    cfg = load_params(args)
     loaded = load_model(args.model)
     ctx = _context(args, loaded)
     figures = render_all(ctx)

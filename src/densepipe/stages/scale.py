@@ -16,7 +16,6 @@ from densepipe.stages.split import SPLITS
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--split", default="data/split", help="folder with train/val/test .parquet")
     p.add_argument("--out", default="data/processed")
 
@@ -28,7 +27,7 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def run(args) -> None:
-    cfg = load_params(args.params)
+    cfg = load_params(args)
     src = Path(args.split)
     frames = {name: _read(src / f"{name}.parquet") for name in SPLITS}
     meta_path = src / "meta.json"

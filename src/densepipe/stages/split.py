@@ -13,12 +13,11 @@ SPLITS = ("train", "val", "test")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="data/split", help="folder for train/val/test .parquet")
 
 
 def run(args) -> None:
-    cfg = load_params(args.params)
+    cfg = load_params(args)
     frame, targets = load_source(cfg.data)
     tasks = check_table(frame, targets, cfg.data.task)
     parts = split_frame(frame, targets, tasks, cfg.split, cfg.seed)

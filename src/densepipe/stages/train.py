@@ -26,7 +26,6 @@ _DONE = {"format": ckpt.RESUME_FORMAT, "key": "completed"}  # a finished run lea
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--data", default="data/processed")
     p.add_argument("--model", default="models/model.pt")
     p.add_argument("--checkpoint", default="models/checkpoint.pt", help="resume checkpoint")
@@ -65,8 +64,11 @@ def _resume_key(cfg, data_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def final_metrics(history, stopped: str | None) -> dict:
-    last = dict(history.records[-1]) if history.records else {}
+def final_metrics(history, stopped: str | None, restored_epoch: int | None = None) -> dict:
+    """The metrics of the weights the model file holds: the last epoch's, or the
+    restored best epoch's."""
+    chosen = [r for r in history.records if restored_epoch is not None and r["epoch"] == restored_epoch + 1]
+    last = dict(chosen[0] if chosen else history.records[-1]) if history.records else {}
     out = {k: v for k, v in last.items() if not k.startswith(("grad_norm/", "epoch_seconds"))}
     out["epochs_run"] = len(history)
     speeds = history.series("samples_per_sec")
@@ -78,7 +80,7 @@ def final_metrics(history, stopped: str | None) -> dict:
 
 
 def run(args) -> None:
-    cfg = load_params(args.params)
+    cfg = load_params(args)
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     data_dir = Path(args.data)
@@ -116,7 +118,7 @@ def run(args) -> None:
     if not any(cb.type == "model_checkpoint" for cb in cfg.train.callbacks) or not model_path.exists():
         save_model(len(history))
     history.save_csv(args.history)
-    metrics = final_metrics(history, trainer.stop_reason)
+    metrics = final_metrics(history, trainer.stop_reason, trainer.restored_epoch)
     write_json(args.metrics, metrics)
     tracker.log_history(history.records[trainer.start_epoch:] if state is not None else history.records)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)})

@@ -113,6 +113,7 @@ class EarlyStopping(Callback):
     def on_train_end(self, trainer):
         if self.args.restore_best_weights and self.best_weights is not None:
             trainer.load_weights(self.best_weights)
+            trainer.restored_epoch = self.best_epoch
             trainer.log(f"restored the weights of epoch {self.best_epoch + 1} (best '{self.args.monitor}')")
 
     def state_dict(self):

@@ -60,6 +60,7 @@ class Trainer:
         self.history = History()
         self.epochs, self.start_epoch = cfg.epochs, 0
         self.stop, self.stop_reason = False, None
+        self.restored_epoch: int | None = None  # set when a callback put an earlier epoch's weights back
         self.shuffle_gen = torch.Generator(device=self.device).manual_seed(seed)
         torch.manual_seed(seed)  # dropout and noise layers draw from the global generator
         self.dense_names = list(model.dense_layers())
