@@ -85,3 +85,23 @@ def test_trainer_evaluate_over_uneven_chunks_equals_sklearn(monkeypatch):
                 skm.f1_score(y, pred)]
     np.testing.assert_allclose([v.item() for v in values], expected, rtol=1e-12)
     assert losses[0].item() == pytest.approx(skm.log_loss(y.numpy(), prob.double().numpy()), rel=1e-5)
+
+
+def test_training_metrics_over_shuffled_uneven_batches_equal_sklearn():
+    """The epoch's logged training metrics: batches of 37 rows in shuffled order, and a step
+    too small to move the weights, so they must equal scikit-learn on the model's predictions."""
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 8, "activation": "tanh"},
+                                             {"type": "dense", "units": "auto", "activation": "auto"}]},
+                        "train": {"epochs": 1, "batch_size": 37, "optimizer": {"name": "sgd", "lr": 1e-30},
+                                  "metrics": ["accuracy", "precision", "recall", "f1"], "progress": "quiet"}})
+    spec = DataSpec({"features": 4}, {"target": TargetSpec("binary", 1)})
+    model = build_model(cfg.model, cfg.train, spec, seed=1)
+    x = torch.randn(500, 4, generator=GEN)
+    y = (x[:, 1] + 0.5 * torch.randn(500, generator=GEN) > 0).long()
+    prob = model.predict({"features": x})["target"][:, 0]
+    pred = (prob >= 0.5).long().numpy()
+    logs = Trainer(model, cfg.train).fit(Split({"features": x}, {"target": y})).records[0]
+    expected = {"accuracy": skm.accuracy_score(y, pred), "precision": skm.precision_score(y, pred),
+                "recall": skm.recall_score(y, pred), "f1": skm.f1_score(y, pred)}
+    assert {k: logs[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert logs["loss"] == pytest.approx(skm.log_loss(y.numpy(), prob.double().numpy()), rel=1e-5)
