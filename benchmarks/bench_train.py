@@ -11,6 +11,8 @@ Adam lr 1e-3, the same number of epochs.
   sklearn    MLPClassifier(hidden_layer_sizes=(256, 128), solver="adam", batch_size=128,
              learning_rate_init=1e-3, max_iter=epochs, shuffle=True, tol=0,
              n_iter_no_change=epochs + 1), so it runs every epoch
+A "GEMMs only" row times just the matrix products every implementation must run per batch
+(forward, dX, dW): no training step can go faster, which bounds the ratios any side can reach.
 Data: scikit-learn's digits (standard-scaled, stratified 75/25 split) and a synthetic
 make_classification set (64 features, `--rows` rows, fewer epochs). samples/s counts
 training only (rows x epochs / seconds of fit). Rounds are interleaved (one run of each
@@ -124,6 +126,25 @@ def run_sklearn(Xtr, ytr, Xte, yte, epochs: int, seed: int):
     return seconds, float(clf.score(Xte, yte))
 
 
+def run_gemm_bound(Xtr, ytr, Xte, yte, epochs: int, seed: int):
+    """Only the GEMMs any implementation must run per batch (forward x W^T, backward dX and
+    dW for each layer, no dX for the inputs): an upper bound on samples/s, not a peer."""
+    gen = torch.Generator().manual_seed(seed)
+    widths = [Xtr.shape[1], *HIDDEN, int(ytr.max()) + 1]
+    acts = [torch.randn(BATCH, w, generator=gen) for w in widths]  # (B, width) per layer
+    pairs = zip(widths, widths[1:], strict=False)
+    weights = [torch.randn(o, i, generator=gen) for i, o in pairs]  # (out, in) per layer
+    steps = -(-len(Xtr) // BATCH) * epochs
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for i, w in enumerate(weights):
+            torch.mm(acts[i], w.T)                       # forward
+            torch.mm(acts[i + 1].T, acts[i])             # dW = g^T x
+            if i:
+                torch.mm(acts[i + 1], w)                 # dX = g W
+    return time.perf_counter() - t0, float("nan")
+
+
 RUNNERS = {"densepipe": run_densepipe, "torch": run_torch, "sklearn": run_sklearn}
 
 
@@ -141,7 +162,8 @@ def bench(name: str, rows: int, epochs: int, rounds: int) -> dict:
             times[side].append(seconds)
             accs[side].append(acc)
     samples = len(Xtr) * epochs
-    return {"data": name, "rows": len(Xtr), "epochs": epochs,
+    bound = len(Xtr) * epochs / run_gemm_bound(Xtr, ytr, Xte, yte, epochs, 0)[0]
+    return {"data": name, "rows": len(Xtr), "epochs": epochs, "gemm_bound": bound,
             "speed": {k: samples / statistics.median(v) for k, v in times.items()},
             "accuracy": {k: statistics.mean(v) for k, v in accs.items()}}
 
@@ -152,6 +174,8 @@ def report(results: list[dict]) -> bool:
         for side in RUNNERS:
             print(f"{res['data']:<10} {res['rows']:>10,} {res['epochs']:>6}  {side:<10} "
                   f"{res['speed'][side]:>11,.0f} {100 * res['accuracy'][side]:>8.2f}%")
+        print(f"{res['data']:<10} {res['rows']:>10,} {res['epochs']:>6}  {'GEMMs only':<10} "
+              f"{res['gemm_bound']:>11,.0f}  (bound: the matrix products alone)")
     print(f"\n{'data':<10} {'dp/torch':>9} {'dp/sklearn':>11} {'acc dp-torch':>13} {'acc dp-sklearn':>15}"
           "  goals")
     ok = True

@@ -84,9 +84,10 @@ def test_early_stopping_scripted(args, values, stop):
     assert script(early(**args), values) == stop
 
 
-def test_early_stopping_mode_auto_reads_the_metric():
-    trainer = early(monitor="val_accuracy", patience=1)
-    assert script(trainer, [0.5, 0.6, 0.55, 0.7], monitor="val_accuracy") == 2
+@pytest.mark.parametrize("monitor", ["val_accuracy", "val_species_accuracy", "val_width_r2"])
+def test_early_stopping_mode_auto_reads_the_metric(monitor):
+    trainer = early(monitor=monitor, patience=1)      # higher is better for all three
+    assert script(trainer, [0.5, 0.6, 0.55, 0.7], monitor=monitor) == 2
 
 
 def test_early_stopping_restores_the_best_weights():

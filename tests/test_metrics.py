@@ -66,6 +66,9 @@ def test_modes():
     assert metric_mode("val_loss") == "min" and metric_mode("val_accuracy") == "max"
     assert metric_mode("r2") == "max" and metric_mode("val_rmse") == "min"
     assert metric_mode("val_species_loss") == "min"
+    # several outputs prefix their metrics with the output's name
+    assert metric_mode("val_species_accuracy") == "max" and metric_mode("width_r2") == "max"
+    assert metric_mode("val_width_mae") == "min" and metric_mode("val_width_rmse") == "min"
 
 
 def test_trainer_evaluate_over_uneven_chunks_equals_sklearn(monkeypatch):

@@ -106,8 +106,11 @@ DEFAULT_METRICS = {"binary": ["accuracy"], "multiclass": ["accuracy"], "regressi
 
 def metric_mode(name: str) -> str:
     """'min' or 'max' for a monitored quantity such as 'val_loss' or 'accuracy'."""
-    base = name.removeprefix("val_")
+    base = name.removeprefix("val_").split("/")[-1]
     if base == "loss" or base.endswith("_loss"):
         return "min"
-    base = base.split("/")[-1]
-    return METRICS[base].mode if base in METRICS else "min"
+    if base in METRICS:
+        return METRICS[base].mode
+    # Several outputs log "<output>_<metric>" (val_species_accuracy): the longest metric name wins.
+    suffix = next((m for m in sorted(METRICS.names(), key=len, reverse=True) if base.endswith(f"_{m}")), None)
+    return METRICS[suffix].mode if suffix else "min"

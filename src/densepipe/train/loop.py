@@ -229,6 +229,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------ fit
     def fit(self, train: Split, val: Split | None = None) -> History:
+        if train.n == 0:
+            raise ValueError("fit: the training split has no rows")
         train = train.to(self.device)
         val = val.to(self.device) if val is not None and val.n > 0 else None
         bs = self.cfg.batch_size
