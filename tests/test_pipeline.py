@@ -112,6 +112,23 @@ def test_experiment_run_with_set_param(project):
     assert "lr3" in text and "0.003" in text and "accuracy" in text
 
 
+def test_temp_experiment_logs_to_the_project_store(project):
+    from mlflow.tracking import MlflowClient
+
+    path, _ = project
+    run_cmd(["git", "add", "-A"], cwd=path)
+    run_cmd(["git", "commit", "-qm", "before temp", "--allow-empty"], cwd=path)
+    run_cmd(["dvc", "exp", "run", "--temp", "-S", "train.epochs=2", "-n", "tmp2"], cwd=path)
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("densepipe-digits")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.dvc_experiment = 'tmp2'")
+    assert len(runs) == 1, "the temp workspace's run must land in the project's store"
+    assert runs[0].data.metrics["final_epochs_run"] == 2
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert "report" in artifacts  # stored under the project root, not the deleted temp copy
+    assert not list((path / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
 def test_predict_command_decodes_labels(project, tmp_path):
     path, _ = project
     rows = pd.read_parquet(path / "data/split/test.parquet").drop(columns=["target"]).head(7)

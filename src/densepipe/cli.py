@@ -90,6 +90,20 @@ def predict(argv):
         print(out.to_csv(index=False), end="")
 
 
+@command("compare")
+def compare(argv):
+    """Runs of one model side by side: loss curves, gradient norms, a metrics table."""
+    from densepipe.compare import main as compare_main
+    compare_main(argv)
+
+
+@command("sweep")
+def sweep(argv):
+    """Hyperparameter search: grid, random or optuna trials as DVC experiments under one MLflow parent."""
+    from densepipe.sweep import main as sweep_main
+    sweep_main(argv)
+
+
 @command("where")
 def where(argv):
     """Say where the report and the MLflow store are, and how to browse them."""

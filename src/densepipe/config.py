@@ -329,6 +329,7 @@ class MlflowConfig(Section):
     tracking_uri: str | None = None   # default: sqlite:///<repo root>/mlflow.db (MLFLOW_TRACKING_URI wins)
     experiment: str = "densepipe"
     run_name: str | None = None
+    parent_run_id: str | None = None  # nests this run under another (sweeps set it per trial)
 
 
 class Config(Section):
@@ -444,7 +445,8 @@ def apply_override(raw: dict, assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=5")
-    parts = [int(i) if i else name for name, i in _PART.findall(key.strip())]
+    # Both model.layers[0].units and DVC/Hydra's model.layers.0.units address a list item.
+    parts = [int(i) if i else (int(name) if name.isdigit() else name) for name, i in _PART.findall(key.strip())]
     node = raw
     for here, nxt in zip(parts, parts[1:], strict=False):  # each part with the next
         try:

@@ -38,9 +38,9 @@ def log_model(tracker, model_path: str, input_example: pd.DataFrame, output_exam
     from mlflow.models import infer_signature
 
     example = as_float_example(input_example.head(5))
-    signature = infer_signature(example, output_example)
     with tracker.active() as mlflow, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # schema hints about int columns and type hints
+        signature = infer_signature(example, output_example)
         mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__)),

@@ -51,7 +51,7 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_tags() -> dict[str, str]:
+def run_tags(parent_run_id: str | None = None) -> dict[str, str]:
     tags = {"densepipe.stage_runner": "dvc" if os.environ.get("DVC_ROOT") else "cli"}
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
     if commit:
@@ -59,20 +59,28 @@ def run_tags() -> dict[str, str]:
         tags["git_commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    if os.environ.get("DENSEPIPE_PARENT_RUN_ID"):  # sweeps nest their trials under one parent
-        tags["mlflow.parentRunId"] = os.environ["DENSEPIPE_PARENT_RUN_ID"]
+    if parent_run_id:  # the MLflow UI nests the run under its parent
+        tags["mlflow.parentRunId"] = parent_run_id
     return tags
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params as MLflow keys: model.layers.0.units = 256 (lists of sections by index)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, list | dict) else str(v)
     return out
+
+
+def param_key(dvc_key: str) -> str:
+    """DVC's -S key (model.layers[0].units) as the MLflow param name (model.layers.0.units)."""
+    return dvc_key.replace("[", ".").replace("]", "")
 
 
 class Tracker:
@@ -153,21 +161,34 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
-def start_run(mlflow_cfg, run_file: str | Path, run_name: str | None = None) -> Tracker:
-    """Creates the pipeline's run and records it in run_file."""
-    if not mlflow_cfg.enabled:
-        write_json(run_file, {"run_id": None, "tracking_uri": None})
-        return Tracker(None, None)
+def _create_run(mlflow_cfg, name: str | None, tags: dict[str, str]) -> tuple[str, str, str]:
     from mlflow.tracking import MlflowClient
     uri = tracking_uri(mlflow_cfg)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(mlflow_cfg.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         mlflow_cfg.experiment, artifact_location=_artifact_root(uri))
-    name = mlflow_cfg.run_name or run_name or os.environ.get("DVC_EXP_NAME")
-    run = client.create_run(exp_id, run_name=name, tags=run_tags())
-    write_json(run_file, {"run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": uri})
-    return Tracker(run.info.run_id, uri)
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    return run.info.run_id, exp_id, uri
+
+
+def start_run(mlflow_cfg, run_file: str | Path) -> Tracker:
+    """Creates the pipeline's run and records it in run_file."""
+    if not mlflow_cfg.enabled:
+        write_json(run_file, {"run_id": None, "tracking_uri": None})
+        return Tracker(None, None)
+    name = mlflow_cfg.run_name or os.environ.get("DVC_EXP_NAME")
+    run_id, exp_id, uri = _create_run(mlflow_cfg, name, run_tags(mlflow_cfg.parent_run_id))
+    write_json(run_file, {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri})
+    return Tracker(run_id, uri)
+
+
+def start_parent_run(mlflow_cfg, name: str, params: dict) -> Tracker:
+    """A run that groups others (a sweep's trials) in the MLflow UI."""
+    run_id, _, uri = _create_run(mlflow_cfg, name, {**run_tags(), "densepipe.kind": "sweep"})
+    tracker = Tracker(run_id, uri)
+    tracker.log_params(params)
+    return tracker
 
 
 def open_run(run_file: str | Path) -> Tracker:

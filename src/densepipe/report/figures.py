@@ -158,7 +158,11 @@ def weight_histograms(ctx):
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False)
     for ax, (name, w) in zip(axes.flat, layers.items()):
-        ax.hist(w.reshape(-1), bins=50, color="#4c72b0")
+        values = w.reshape(-1)
+        lo, hi = float(values.min()), float(values.max())
+        if hi - lo < 1e-6 * max(1.0, abs(lo)):  # (near-)constant weights: one visible bar
+            lo, hi = lo - 0.5, hi + 0.5
+        ax.hist(values, bins=min(50, max(5, int(np.sqrt(values.size)))), range=(lo, hi), color="#4c72b0")
         ax.set_title(f"{name} weights", fontsize=9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
