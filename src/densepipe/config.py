@@ -446,7 +446,8 @@ def apply_override(raw: dict, assignment: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=5")
     # Both model.layers[0].units and DVC/Hydra's model.layers.0.units address a list item.
-    parts = [int(i) if i else (int(name) if name.isdigit() else name) for name, i in _PART.findall(key.strip())]
+    parts = [int(i) if i else (int(name) if name.isdigit() else name)
+             for name, i in _PART.findall(key.strip())]
     node = raw
     for here, nxt in zip(parts, parts[1:], strict=False):  # each part with the next
         try:
