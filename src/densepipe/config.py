@@ -7,12 +7,21 @@ so the schema can never accept a name the code would not run.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from densepipe.registry import Registry, did_you_mean
 
@@ -72,7 +81,8 @@ class DataConfig(Section):
     source: str = "digits"             # bundled set name, a make_* generator, "csv" or "parquet"
     path: str | None = None            # file for csv / parquet
     target: str | list[str] | None = None  # target column(s); bundled sets know theirs
-    task: Literal["auto", "binary", "multiclass", "regression", "reconstruction"] = "auto"  # reconstruction: autoencoders
+    # reconstruction: autoencoders (the inputs are the targets)
+    task: Literal["auto", "binary", "multiclass", "regression", "reconstruction"] = "auto"
     options: dict[str, Any] = {}       # generator arguments, e.g. {n_samples: 1000, noise: 0.2}
     drop: list[str] = []               # columns to ignore
     categorical: list[str] | Literal["auto"] = "auto"  # auto: non-numeric columns
@@ -170,8 +180,8 @@ class AddLayer(_Layer):
 
 
 LayerConfig = Annotated[
-    Union[DenseLayer, DropoutLayer, BatchNormLayer, ActivationLayer, GaussianNoiseLayer,
-          ConcatenateLayer, AddLayer],
+    DenseLayer | DropoutLayer | BatchNormLayer | ActivationLayer | GaussianNoiseLayer | ConcatenateLayer
+    | AddLayer,
     Field(discriminator="type"),
 ]
 
@@ -203,14 +213,37 @@ class ModelConfig(Section):
 
     _init = field_validator("initializer")(_in(_initializers))
 
+    def layer_names(self) -> list[str]:
+        """Each layer's graph name: its `name`, else `<type>_<position>` (dense_1, dropout_2, ...)."""
+        return [layer.name or f"{layer.type}_{i + 1}" for i, layer in enumerate(self.layers)]
+
+    def input_names(self) -> list[str]:
+        return list(self.inputs) or ["features"]  # one input holding every feature column
+
     @model_validator(mode="after")
-    def _names_unique(self):
-        seen = set(self.inputs)
-        for i, layer in enumerate(self.layers):
-            if layer.name is not None:
-                if layer.name in seen:
-                    raise ValueError(f"model.layers[{i}].name '{layer.name}' is used twice")
-                seen.add(layer.name)
+    def _graph(self):
+        """The wiring that needs no data: unique names, inputs defined before use, outputs
+        that name layers, `auto` widths and activations only where the data decides them."""
+        names = self.layer_names()
+        known = set(self.input_names())
+        for i, name in enumerate(names):
+            if name in known or name in names[:i]:
+                raise ValueError(f"model.layers[{i}].name '{name}' is used twice")
+        unknown = [n for n in self.outputs if n not in names]
+        if unknown:
+            raise ValueError(f"model.outputs names {unknown}, which are not layers; "
+                             f"layers: {', '.join(names)}")
+        outputs = list(self.outputs) or names[-1:]
+        for i, (layer, name) in enumerate(zip(self.layers, names, strict=True)):
+            missing = [s for s in layer.inputs or [] if s not in known]
+            if missing:
+                raise ValueError(f"model.layers[{i}] ({name}): inputs {missing} are not defined before it; "
+                                 f"known: {', '.join(sorted(known))}")
+            for key in ("units", "activation"):
+                if getattr(layer, key, None) == "auto" and name not in outputs:
+                    raise ValueError(f"model.layers[{i}] ({name}): {key}: auto is only allowed on a model "
+                                     f"output ({', '.join(outputs)}); give this layer its own {key}")
+            known.add(name)
         return self
 
 
@@ -312,60 +345,87 @@ class Config(Section):
 
 
 # ------------------------------------------------------------------------ loading / errors
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names allowed at a location, for "did you mean" on unknown keys."""
-    cls: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int) or cls is None:
-            continue
-        field = getattr(cls, "model_fields", {}).get(part)
-        if field is None:
-            tag = part  # a discriminated-union member (e.g. "dense")
-            members = [m for m in _LAYER_TYPES if m.model_fields["type"].default == tag]
-            cls = members[0] if members else None
-            continue
-        ann = field.annotation
-        cls = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and
-                    issubclass(a, BaseModel)), None)
-    return list(getattr(cls, "model_fields", {})) if cls else []
-
-
 _LAYER_TYPES = [DenseLayer, DropoutLayer, BatchNormLayer, ActivationLayer, GaussianNoiseLayer,
                 ConcatenateLayer, AddLayer]
+_LAYER_BY_TAG = {m.model_fields["type"].default: m for m in _LAYER_TYPES}
+
+
+# Keras / torch spellings of our keys, so "did you mean" leads from them to ours.
+_KEY_SYNONYMS = {"kernel_initializer": "initializer", "learning_rate": "lr", "epoch": "epochs",
+                 "activation_function": "activation"}
+
+
+def _model_in(annotation) -> Any:
+    return next((a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and
+                 issubclass(a, BaseModel)), None)
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, Any]:
+    """pydantic's error location as the user wrote it (without union-member labels such as
+    the layer tag in layers[0].dense.units or 'constrained-int'), and the section it ends in."""
+    out, cls, key_next = [], model, False
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out.append(part)
+        elif i > 0 and isinstance(loc[i - 1], int) and part in _LAYER_BY_TAG:
+            cls = _LAYER_BY_TAG[part]                        # a layer's type tag
+        elif key_next:
+            out.append(part)                                 # a name the user chose (outputs.<node>)
+            key_next = False
+        elif cls is None:
+            continue                                         # a union member's label
+        else:
+            out.append(part)
+            field = cls.model_fields.get(part)
+            if field is None:                                # an unknown key: ends the location
+                continue
+            key_next = get_origin(field.annotation) is dict
+            cls = _model_in(field.annotation)
+    return tuple(out), cls
 
 
 def _path(loc: tuple) -> str:
     out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in {m.model_fields["type"].default for m in _LAYER_TYPES}:
-            continue  # pydantic's union tag, not a key the user wrote
-        else:
-            out += ("." if out else "") + str(part)
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
     return out or "(top level)"
 
 
+def _unknown_key(key: str, allowed: list[str]) -> str:
+    synonyms = {s: k for s, k in _KEY_SYNONYMS.items() if k in allowed}
+    close = difflib.get_close_matches(str(key), [*allowed, *synonyms], n=1, cutoff=0.6)
+    hint = ""
+    if close:
+        hint = (f" (did you mean '{synonyms[close[0]]}'? '{close[0]}' is spelled '{synonyms[close[0]]}' here)"
+                if close[0] in synonyms else f" (did you mean '{close[0]}'?)")
+    return f"unknown key{hint}; allowed keys here: {', '.join(allowed)}"
+
+
 def format_errors(err: ValidationError, model: type[BaseModel] = Config) -> str:
-    lines = []
+    lines: dict[str, list[str]] = {}   # path -> messages (several for a value no union member takes)
+    got: dict[str, str] = {}           # path -> the offending value, shown once
     for e in err.errors():
-        loc, kind, value = tuple(e["loc"]), e["type"], e.get("input")
+        kind, value = e["type"], e.get("input")
+        loc, _ = _walk(model, tuple(e["loc"]))
         path = _path(loc)
         if kind == "extra_forbidden":
-            allowed = _fields_at(model, loc)
-            hint = did_you_mean(loc[-1], allowed)
-            lines.append(f"{path}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
+            _, section = _walk(model, tuple(e["loc"])[:-1])
+            msg = _unknown_key(loc[-1], list(getattr(section, "model_fields", {})))
         elif kind == "union_tag_invalid":
-            lines.append(f"{path}: unknown layer type {value.get('type')!r}"
-                         f"{did_you_mean(value.get('type'), e['ctx']['expected_tags'].replace(chr(39), '').split(', '))}"
-                         f"; allowed: {e['ctx']['expected_tags']}")
+            tags = e["ctx"]["expected_tags"]
+            hint = did_you_mean(value.get("type"), tags.replace("'", "").split(", "))
+            msg = f"unknown layer type {value.get('type')!r}{hint}; allowed: {tags}"
         elif kind == "missing":
-            lines.append(f"{path}: required key is missing")
+            msg = "required key is missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"{path}: {msg}{shown}")
-    return "invalid params:\n  " + "\n  ".join(lines)
+            if not isinstance(value, dict):
+                got[path] = f" (got {value!r})"
+        lines.setdefault(path, []).append(msg)
+    text = [f"{' -- or: '.join(msgs)}{got.get(path, '')}" for path, msgs in lines.items()]
+    # A section's own checks already name the key they found wrong (model.layers[2] ...).
+    text = [t if t.startswith(f"{path}.") else f"{path}: {t}" for path, t in zip(lines, text, strict=True)]
+    return "invalid params:\n  " + "\n  ".join(text)
 
 
 def parse(raw: dict) -> Config:
@@ -386,9 +446,10 @@ def apply_override(raw: dict, assignment: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=5")
     # Both model.layers[0].units and DVC/Hydra's model.layers.0.units address a list item.
-    parts = [int(i) if i else (int(name) if name.isdigit() else name) for name, i in _PART.findall(key.strip())]
+    parts = [int(i) if i else (int(name) if name.isdigit() else name)
+             for name, i in _PART.findall(key.strip())]
     node = raw
-    for here, nxt in zip(parts, parts[1:]):
+    for here, nxt in zip(parts, parts[1:], strict=False):  # each part with the next
         try:
             node = node[here] if not isinstance(node, dict) or here in node else node.setdefault(
                 here, [] if isinstance(nxt, int) else {})

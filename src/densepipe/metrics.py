@@ -83,14 +83,16 @@ def _sq_stats(pred, target):
 
 
 def _r2_stats(pred, target):
+    # Per output column: several outputs average their R^2, as scikit-learn's r2_score does.
     p, t = _flat(pred, target)
     t64 = t.double()
-    return torch.stack([((p - t) ** 2).sum().double(), t64.sum(), (t64 ** 2).sum(), _count(t)])
+    n = torch.full_like(t64[0], t.shape[0])
+    return torch.stack([((p - t) ** 2).sum(0).double(), t64.sum(0), (t64 ** 2).sum(0), n])  # (4, outputs)
 
 
 def _r2_finish(s):
     total = s[2] - s[1] ** 2 / s[3].clamp_min(1)
-    return 1 - s[0] / total.clamp_min(1e-12)
+    return (1 - s[0] / total.clamp_min(1e-12)).mean()
 
 
 METRICS.add("mae", Metric(_abs_stats, _ratio, "min", "regression"), ("mean_absolute_error",))
@@ -104,8 +106,11 @@ DEFAULT_METRICS = {"binary": ["accuracy"], "multiclass": ["accuracy"], "regressi
 
 def metric_mode(name: str) -> str:
     """'min' or 'max' for a monitored quantity such as 'val_loss' or 'accuracy'."""
-    base = name.removeprefix("val_")
+    base = name.removeprefix("val_").split("/")[-1]
     if base == "loss" or base.endswith("_loss"):
         return "min"
-    base = base.split("/")[-1]
-    return METRICS[base].mode if base in METRICS else "min"
+    if base in METRICS:
+        return METRICS[base].mode
+    # Several outputs log "<output>_<metric>" (val_species_accuracy): the longest metric name wins.
+    suffix = next((m for m in sorted(METRICS.names(), key=len, reverse=True) if base.endswith(f"_{m}")), None)
+    return METRICS[suffix].mode if suffix else "min"

@@ -37,11 +37,15 @@ def model_for_summary(params: str, data_dir: str) -> DenseModel:
 def render_summary(model: DenseModel) -> str:
     rows = model.summary()
     table = [("Layer (type)", "Output Shape", "Param #", "Connected to")]
-    table += [(f"{r['layer']} ({r['type']})", r["output_shape"], f"{r['params']:,}", r["inputs"]) for r in rows]
+    table += [(f"{r['layer']} ({r['type']})", r["output_shape"], f"{r['params']:,}", r["inputs"])
+              for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     line = "-" * (sum(widths) + 6)
-    fmt = "{:<%d}  {:<%d}  {:>%d}  {:<%d}" % tuple(widths)
-    out = [fmt.format(*table[0]), line, *(fmt.format(*r) for r in table[1:]), line]
+
+    def fmt(row) -> str:
+        a, b, c, d = row
+        return f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d:<{widths[3]}}"
+    out = [fmt(table[0]), line, *(fmt(r) for r in table[1:]), line]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     buffers = sum(b.numel() for n, b in model.named_buffers() if not n.endswith("num_batches_tracked"))

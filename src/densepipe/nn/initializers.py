@@ -22,8 +22,9 @@ _TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2
 
 
 def _fans(w: Tensor) -> tuple[int, int]:
-    fan_out, fan_in = (w.shape[0], w.shape[1]) if w.dim() == 2 else (w.numel(), 1)  # (out, in)
-    return fan_in, fan_out
+    if w.dim() == 2:
+        return w.shape[1], w.shape[0]  # weight (out, in): fan_in = in, fan_out = out
+    return w.numel(), w.numel()        # a bias: both fans are its length, as in Keras
 
 
 @torch.no_grad()
@@ -105,8 +106,14 @@ def orthogonal(w: Tensor, gain: float = 1.0, generator=None) -> Tensor:
 @INITIALIZERS.register("sparse")
 @torch.no_grad()
 def sparse(w: Tensor, sparsity: float = 0.1, stddev: float = 0.01, generator=None) -> Tensor:
-    # torch.nn.init.sparse_: per column, a `sparsity` fraction of rows is zero, the rest N(0, std).
-    return nn.init.sparse_(w, sparsity, std=stddev, generator=generator)
+    # As torch.nn.init.sparse_ (per column, a `sparsity` fraction of rows is zero, the rest
+    # N(0, std)), but every draw comes from `generator`: torch's picks the rows unseeded.
+    if w.dim() != 2:
+        raise ValueError(f"initializer sparse needs a 2-D weight, got shape {tuple(w.shape)}")
+    w.normal_(0.0, stddev, generator=generator)
+    n_zero = math.ceil(sparsity * w.shape[0])
+    rows = torch.rand(w.shape, generator=generator, device=w.device).argsort(dim=0)[:n_zero]  # (n_zero, cols)
+    return w.scatter_(0, rows, 0.0)
 
 
 def initialize(w: Tensor, spec: str | dict | None, generator=None) -> Tensor:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densepipe.nn.activations import alpha_for, resolve
@@ -30,17 +31,12 @@ class BuildContext:
 LAYERS: Registry[Callable[..., tuple[nn.Module, int]]] = Registry("layer type")
 
 
-class ReferenceDense(nn.Module):
-    """nn.Linear + activation in plain torch: the `kernels: reference` twin of FusedDense."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, activation: str, alpha: float | None):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=bias)
-        self.act, self.alpha = resolve(activation), alpha_for(resolve(activation), alpha)
-        self.weight, self.bias = self.linear.weight, self.linear.bias  # same names as FusedDense
+class ReferenceDense(FusedDense):
+    """nn.Linear + activation in plain torch: the `kernels: reference` twin of FusedDense,
+    with the same parameters (names and layout), so weights move between the two."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act.reference(self.linear(x), self.alpha)
+        return self.act.reference(F.linear(x, self.weight, self.bias), self.alpha)
 
 
 def _single(widths: list[int], kind: str) -> int:

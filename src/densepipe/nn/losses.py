@@ -100,8 +100,7 @@ def categorical_crossentropy(raw, target, head="softmax", from_logits="auto", la
 
 @LOSSES.register("sparse_categorical_crossentropy", "scce")
 def sparse_categorical_crossentropy(raw, target, head="softmax", from_logits="auto"):
-    logp = _log_probs(raw, head, from_logits)
-    return -logp.gather(1, target.reshape(-1, 1).long()).squeeze(1)
+    return F.nll_loss(_log_probs(raw, head, from_logits), target.reshape(-1).long(), reduction="none")
 
 
 def _signed(target: Tensor, dtype) -> Tensor:

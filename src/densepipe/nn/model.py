@@ -99,7 +99,10 @@ class DenseModel(nn.Module):
     def summary(self) -> list[dict]:
         rows = []
         for node in self.nodes:
-            params = sum(p.numel() for p in self.layers[node.name].parameters())
+            layer = self.layers[node.name]
+            # Keras counts non-trainable state too (batchnorm's moving mean / variance).
+            params = sum(p.numel() for p in layer.parameters()) + sum(
+                b.numel() for n, b in layer.named_buffers() if not n.endswith("num_batches_tracked"))
             rows.append({"layer": node.name, "type": node.kind, "inputs": ", ".join(node.inputs),
                          "output_shape": f"(None, {node.width})", "params": params})
         return rows
@@ -130,15 +133,12 @@ def build_model(model_cfg, train_cfg, spec: DataSpec, seed: int = 0) -> DenseMod
     """model_cfg: config.ModelConfig; train_cfg: config.TrainConfig (default loss / metrics)."""
     generator = torch.Generator().manual_seed(seed)
     input_names = list(spec.inputs)
-    names = [layer.name or f"{layer.type}_{i + 1}" for i, layer in enumerate(model_cfg.layers)]
+    names = model_cfg.layer_names()  # the schema has checked the wiring that needs no data
     outputs = _resolve_outputs(model_cfg, train_cfg, spec, names[-1])
-    unknown = [n for n in outputs if n not in names]
-    if unknown:
-        raise ValueError(f"model.outputs names {unknown}, which are not layers; layers: {', '.join(names)}")
 
     widths, nodes, modules, heads = dict(spec.inputs), [], {}, {}
     prev = input_names[0] if len(input_names) == 1 else None
-    for i, (layer, name) in enumerate(zip(model_cfg.layers, names)):
+    for i, (layer, name) in enumerate(zip(model_cfg.layers, names, strict=True)):
         srcs = layer.inputs or ([prev] if prev else None)
         where = f"model.layers[{i}] ({name})"
         if not srcs:
@@ -146,7 +146,8 @@ def build_model(model_cfg, train_cfg, spec: DataSpec, seed: int = 0) -> DenseMod
                              f"model inputs: {', '.join(input_names)}")
         missing = [s for s in srcs if s not in widths]
         if missing:
-            raise ValueError(f"{where}: inputs {missing} are not defined before it; known: {', '.join(widths)}")
+            raise ValueError(f"{where}: inputs {missing} are not defined before it; "
+                             f"known: {', '.join(widths)}")
         ctx = BuildContext(kernels=model_cfg.kernels, generator=generator, initializer=model_cfg.initializer)
         head_act = None
         if name in outputs:
@@ -158,8 +159,6 @@ def build_model(model_cfg, train_cfg, spec: DataSpec, seed: int = 0) -> DenseMod
                 head_act, ctx.activation = act, "linear"
             elif act is not None:
                 ctx.activation = act
-        elif getattr(layer, "activation", None) == "auto":
-            raise ValueError(f"{where}: activation: auto is only allowed on a model output")
         try:
             module, width = LAYERS[layer.type](layer, [widths[s] for s in srcs], ctx)
         except ValueError as err:

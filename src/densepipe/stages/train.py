@@ -99,7 +99,8 @@ def run(args) -> None:
     def save_checkpoint(st: dict) -> None:
         ckpt.save_resume(resume_path, {**st, "mlflow_run": tracker.run_id or ""}, key)
 
-    trainer = Trainer(model, cfg.train, seed=cfg.seed, class_weights=class_weights(cfg, pre, arrays["train"][1]),
+    trainer = Trainer(model, cfg.train, seed=cfg.seed,
+                      class_weights=class_weights(cfg, pre, arrays["train"][1]),
                       save_model=save_model, save_checkpoint=save_checkpoint)
     if state is not None:
         trainer.load_state_dict(state)
@@ -142,4 +143,5 @@ def _open_tracker(cfg, run_file: str, state: dict | None) -> tracking.Tracker:
 
 def _summary_text(model) -> str:
     rows = model.summary()
-    return "\n".join(f"{r['layer']:<16} {r['type']:<12} {r['output_shape']:<14} {r['params']:>9,}" for r in rows)
+    return "\n".join(f"{r['layer']:<16} {r['type']:<12} {r['output_shape']:<14} {r['params']:>9,}"
+                     for r in rows)

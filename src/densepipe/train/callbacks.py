@@ -107,8 +107,8 @@ class EarlyStopping(Callback):
             return
         if self.wait >= self.args.patience and epoch > 0:
             self.stopped_epoch = epoch
-            trainer.request_stop(f"early stopping: '{self.args.monitor}' did not improve for "
-                                 f"{self.wait} epoch(s); best {self.mon.best:.6g} at epoch {self.best_epoch + 1}")
+            trainer.request_stop(f"early stopping: '{self.args.monitor}' did not improve for {self.wait} "
+                                 f"epoch(s); best {self.mon.best:.6g} at epoch {self.best_epoch + 1}")
 
     def on_train_end(self, trainer):
         if self.args.restore_best_weights and self.best_weights is not None:

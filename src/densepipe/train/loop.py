@@ -43,6 +43,27 @@ class Split:
                      {k: v.to(device) for k, v in self.targets.items()})
 
 
+@dataclass
+class EpochBuffers:
+    """Allocated once per fit and reused by every epoch's batches."""
+    inputs: dict[str, Tensor]   # input name -> (batch_size, features): the gathered batch
+    outputs: dict[str, Tensor]  # output name -> (N, width): raw outputs in batch order, for metrics
+    batch_log: Tensor           # (batches, 2 + outputs): objective, total loss, each output's loss
+    norm_log: Tensor            # (batches, dense layers): each dense kernel's gradient norm
+    rows: Tensor                # (batches,) float64: rows per batch (the last may be short)
+
+    @classmethod
+    def allocate(cls, data: Split, bs: int, outputs: dict[str, int], dense: int, dtype) -> EpochBuffers:
+        dev, n_batches = next(iter(data.inputs.values())).device, -(-data.n // bs)
+        rows = torch.full((n_batches,), float(bs), dtype=torch.float64, device=dev)
+        rows[-1] = data.n - bs * (n_batches - 1)
+        return cls({k: torch.empty((min(bs, data.n), *v.shape[1:]), dtype=v.dtype, device=dev)
+                    for k, v in data.inputs.items()},
+                   {k: torch.empty((data.n, w), dtype=dtype, device=dev) for k, w in outputs.items()},
+                   torch.empty((n_batches, 2 + len(outputs)), dtype=dtype, device=dev),
+                   torch.empty((n_batches, dense), dtype=dtype, device=dev), rows)
+
+
 class Trainer:
     def __init__(self, model, cfg, *, seed: int = 0, class_weights: dict[str, Tensor] | None = None,
                  save_model=None, save_checkpoint=None, log=print):
@@ -62,6 +83,7 @@ class Trainer:
         self.stop, self.stop_reason = False, None
         self.restored_epoch: int | None = None  # set when a callback put an earlier epoch's weights back
         self.shuffle_gen = torch.Generator(device=self.device).manual_seed(seed)
+        torch.manual_seed(seed)  # dropout and noise layers draw from the global generator
         self.dense_names = list(model.dense_layers())
 
     # ------------------------------------------------------------ callback services
@@ -93,7 +115,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for cb, s in zip(self.callbacks, state["callbacks"]):
+        for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(s)
         self.history.records = list(state["history"])
         torch.set_rng_state(state["torch_rng"])
@@ -110,7 +132,8 @@ class Trainer:
             weight = table[target.reshape(-1).long()] if table is not None else None
             part = weighted_mean(per_sample, weight)
             parts.append(part)
-            total = head.weight * part if total is None else total + head.weight * part
+            weighted = part if head.weight == 1.0 else head.weight * part
+            total = weighted if total is None else total + weighted
         return total, parts
 
     def _metric_stats(self, raw, targets) -> list[Tensor]:
@@ -128,56 +151,56 @@ class Trainer:
 
     def _finish(self, stats: list[Tensor]) -> list[Tensor]:
         names = self._log_names()
-        return [METRICS[m].finish(s) for (_, _, m), s in zip(names, stats)]
+        return [METRICS[m].finish(s) for (_, _, m), s in zip(names, stats, strict=True)]
 
     # --------------------------------------------------------------------- epochs
-    def _batches(self, n: int, bs: int):
-        perm = (torch.randperm(n, generator=self.shuffle_gen, device=self.device) if self.cfg.shuffle
+    def _permutation(self, n: int) -> Tensor:
+        return (torch.randperm(n, generator=self.shuffle_gen, device=self.device) if self.cfg.shuffle
                 else torch.arange(n, device=self.device))
-        for b, start in enumerate(range(0, n, bs)):
-            yield b, perm[start:start + bs]
 
-    def _train_epoch(self, data: Split, buffers: dict[str, Tensor]):
+    def _train_epoch(self, data: Split, buf: EpochBuffers):
+        """One pass over `data`. Per batch it only copies its outputs, losses and gradient norms
+        into `buf`; metrics and means are computed once at the end, still on the device."""
         self.model.train()
-        dev, bs = self.device, self.cfg.batch_size
-        n_out = len(self.model.heads)
-        loss_sum = torch.zeros(n_out + 1, device=dev, dtype=torch.float64)
-        stats = None
-        grad_sq = torch.zeros(len(self.dense_names), device=dev, dtype=torch.float64)
-        first_bad = torch.full((), -1, device=dev, dtype=torch.long)
         dense = [self.model.layers[n].weight for n in self.dense_names]
-        batches = 0
-        for b, idx in self._batches(data.n, bs):
-            rows = idx.numel()
-            xb = {k: torch.index_select(v, 0, idx, out=buffers[k][:rows]) for k, v in data.inputs.items()}
+        perm, bs = self._permutation(data.n), self.cfg.batch_size
+        for b, start in enumerate(range(0, data.n, bs)):
+            idx = perm[start:start + bs]
+            xb = {k: torch.index_select(v, 0, idx, out=buf.inputs[k][:idx.numel()])
+                  for k, v in data.inputs.items()}
             yb = {k: v.index_select(0, idx) for k, v in data.targets.items()}
             raw = self.model(xb)
             total, parts = self._losses(raw, yb)
             penalty = self.model.penalty()
             objective = total if penalty is None else total + penalty
-            self.optimizer.zero_grad(set_to_none=False)
+            self.optimizer.zero_grad()
             objective.backward()
             self._clip()
             self.optimizer.step()
             with torch.no_grad():
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(objective),
-                                        torch.full_like(first_bad, b), first_bad)
-                loss_sum += torch.stack([total, *parts]).double() * rows
-                s = self._metric_stats(raw, yb)
-                stats = s if stats is None else [a + c for a, c in zip(stats, s)]
+                torch.stack([objective, total, *parts], out=buf.batch_log[b])
+                for name, r in raw.items():
+                    buf.outputs[name][start:start + bs].copy_(r.reshape(r.shape[0], -1))
                 if dense:
-                    grads = [w.grad for w in dense]
-                    grad_sq += torch.stack(torch._foreach_norm(grads)).double() ** 2
-            batches += 1
-        return loss_sum / data.n, stats or [], (grad_sq / max(batches, 1)).sqrt(), first_bad
+                    torch.stack(torch._foreach_norm([w.grad for w in dense]), out=buf.norm_log[b])
+        # Each batch's outputs came from the weights before its step, as Keras' running metrics.
+        stats = self._metric_stats(buf.outputs, {k: v.index_select(0, perm) for k, v in data.targets.items()})
+        losses = (buf.batch_log[:, 1:].double() * buf.rows[:, None]).sum(0) / data.n  # (1 + outputs,)
+        bad = ~torch.isfinite(buf.batch_log[:, 0])                                     # (batches,)
+        first_bad = torch.where(bad.any(), bad.int().argmax(), -1)                    # argmax: the first
+        grad_norms = (buf.norm_log.double() ** 2).mean(0).sqrt()                       # RMS over batches
+        return losses, stats, grad_norms, first_bad
 
     def _clip(self) -> None:
+        clip = self.cfg.clip
+        if clip.value is None and clip.norm is None:
+            return
         from densepipe.optim import clip_grad_norm_, clip_grad_value_
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.clip.value is not None:
-            clip_grad_value_(params, self.cfg.clip.value)
-        if self.cfg.clip.norm is not None:
-            clip_grad_norm_(params, self.cfg.clip.norm)
+        if clip.value is not None:
+            clip_grad_value_(params, clip.value)
+        if clip.norm is not None:
+            clip_grad_norm_(params, clip.norm)
 
     @torch.no_grad()
     def evaluate(self, data: Split) -> tuple[Tensor, list[Tensor]]:
@@ -193,23 +216,27 @@ class Trainer:
             total, parts = self._losses(raw, yb)
             loss_sum += torch.stack([total, *parts]).double() * next(iter(xb.values())).shape[0]
             s = self._metric_stats(raw, yb)
-            stats = s if stats is None else [a + c for a, c in zip(stats, s)]
+            stats = s if stats is None else [a + c for a, c in zip(stats, s, strict=True)]
         return loss_sum / data.n, self._finish(stats or [])
 
     def _logs(self, prefix: str, losses: list[float], metrics: list[float]) -> dict:
         logs = {f"{prefix}loss": losses[0]}
         if len(self.model.heads) > 1:
-            logs.update({f"{prefix}{name}_loss": v for name, v in zip(self.model.heads, losses[1:])})
-        logs.update({f"{prefix}{key}": v for (key, _, _), v in zip(self._log_names(), metrics)})
+            heads = zip(self.model.heads, losses[1:], strict=True)
+            logs.update({f"{prefix}{name}_loss": v for name, v in heads})
+        logs.update({f"{prefix}{key}": v for (key, _, _), v in zip(self._log_names(), metrics, strict=True)})
         return logs
 
     # ------------------------------------------------------------------------ fit
     def fit(self, train: Split, val: Split | None = None) -> History:
+        if train.n == 0:
+            raise ValueError("fit: the training split has no rows")
         train = train.to(self.device)
         val = val.to(self.device) if val is not None and val.n > 0 else None
         bs = self.cfg.batch_size
-        buffers = {k: torch.empty((min(bs, train.n), *v.shape[1:]), dtype=v.dtype, device=self.device)
-                   for k, v in train.inputs.items()}
+        widths = {n.name: n.width for n in self.model.nodes}
+        buffers = EpochBuffers.allocate(train, bs, {k: widths[h.node] for k, h in self.model.heads.items()},
+                                        len(self.dense_names), next(self.model.parameters()).dtype)
         for cb in self.callbacks:
             cb.on_train_begin(self)
         terminate_quietly = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
@@ -250,14 +277,15 @@ class Trainer:
                     break
                 raise DivergenceError(msg)
             logs.update({"lr": lr, "epoch_seconds": seconds, "samples_per_sec": train.n / seconds})
-            logs.update({f"grad_norm/{n}": v for n, v in zip(self.dense_names, norms)})
+            logs.update({f"grad_norm/{n}": v for n, v in zip(self.dense_names, norms, strict=True)})
             self.history.append(epoch, logs)
             progress.epoch(epoch, logs)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, logs)
             last_good = self.weights_copy()
             done = self.stop or epoch + 1 == self.epochs
-            if self._save_checkpoint is not None and not done and (epoch + 1) % self.cfg.checkpoint_every == 0:
+            due = (epoch + 1) % self.cfg.checkpoint_every == 0
+            if self._save_checkpoint is not None and due and not done:
                 self._save_checkpoint(self.state_dict(epoch + 1))
             if self.stop:
                 self.log(self.stop_reason)

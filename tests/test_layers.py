@@ -1,0 +1,227 @@
+"""Every layer type against plain PyTorch: fused vs reference dense, dropout,
+batchnorm (Keras momentum), activation, gaussian noise, add / concatenate in a
+graph model, L1/L2 penalties and the model summary table."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densepipe import cli, config
+from densepipe.nn.activations import ACTIVATIONS
+from densepipe.nn.dense import FusedDense
+from densepipe.nn.layers import ReferenceDense
+from densepipe.nn.model import DataSpec, TargetSpec, build_model
+from densepipe.summary import render_summary
+
+REG3 = DataSpec({"features": 8}, {"target": TargetSpec("regression", 3)})
+
+
+def build(layers, spec=REG3, *, kernels="fused", seed=0, **model):
+    cfg = config.parse({"model": {"kernels": kernels, "layers": layers, **model}})
+    return build_model(cfg.model, cfg.train, spec, seed)
+
+
+def inputs(n=32, width=8, seed=1):
+    return {"features": torch.randn(n, width, generator=torch.Generator().manual_seed(seed))}
+
+
+# ------------------------------------------------------------------------ dense
+@pytest.mark.parametrize("activation", ACTIVATIONS.names())
+def test_fused_dense_matches_reference_kernels(activation):
+    layers = [{"type": "dense", "units": 16, "activation": activation, "alpha": 0.2 if activation in
+               ("leaky_relu", "elu") else None},
+              {"type": "dense", "units": "auto", "activation": "linear"}]
+    fused, ref = build(layers, kernels="fused"), build(layers, kernels="reference")
+    assert isinstance(fused.layers["dense_1"], FusedDense)
+    assert type(ref.layers["dense_1"]) is ReferenceDense
+    # Same seed -> the same initial weights, under the same state_dict keys.
+    ref_state = ref.state_dict()
+    for k, v in fused.state_dict().items():
+        torch.testing.assert_close(v, ref_state[k], rtol=0, atol=0)
+    assert fused.state_dict().keys() == ref_state.keys()
+
+    x = inputs()["features"]
+    outs, grads = [], []
+    for model in (fused, ref):
+        xi = x.clone().requires_grad_(True)
+        y = model({"features": xi})["target"]
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        (y * g).sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad, *(p.grad for p in model.parameters())])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_output_is_the_formula():
+    model = build([{"type": "dense", "units": 5, "activation": "tanh"},
+                   {"type": "dense", "units": "auto"}])
+    x = inputs()["features"]
+    d1, d2 = model.layers["dense_1"], model.layers["dense_2"]
+    expected = torch.tanh(x @ d1.weight.T + d1.bias) @ d2.weight.T + d2.bias
+    torch.testing.assert_close(model({"features": x})["target"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_without_bias():
+    model = build([{"type": "dense", "units": "auto", "use_bias": False}])
+    assert model.layers["dense_1"].bias is None
+    x = inputs()["features"]
+    torch.testing.assert_close(model({"features": x})["target"], x @ model.layers["dense_1"].weight.T)
+
+
+# ---------------------------------------------------------------------- dropout
+def test_dropout_scales_kept_units_in_training_and_is_identity_in_eval():
+    rate = 0.3
+    model = build([{"type": "dropout", "rate": rate}, {"type": "dense", "units": "auto"}])
+    drop = model.layers["dropout_1"]
+    x = torch.rand(2000, 8) + 1.0                    # (N, 8), nowhere zero
+    torch.manual_seed(0)
+    drop.train()
+    y = drop(x)
+    zeros = (y == 0).float().mean().item()
+    assert abs(zeros - rate) < 0.02
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - rate))
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    model.eval()
+    ref = model.layers["dense_2"]
+    torch.testing.assert_close(model({"features": x})["target"], x @ ref.weight.T + ref.bias)
+
+
+# -------------------------------------------------------------------- batchnorm
+def test_batchnorm_matches_torch_with_keras_momentum():
+    momentum, eps = 0.9, 1e-3                        # Keras: running = 0.9 * running + 0.1 * batch
+    model = build([{"type": "batchnorm", "momentum": momentum, "epsilon": eps},
+                   {"type": "dense", "units": "auto"}])
+    bn = model.layers["batchnorm_1"]
+    ref = torch.nn.BatchNorm1d(8, eps=eps, momentum=1 - momentum)
+    gen = torch.Generator().manual_seed(0)
+    running = torch.zeros(8)
+    bn.train()
+    ref.train()
+    for _ in range(4):
+        x = torch.randn(64, 8, generator=gen) * 3 + 2
+        torch.testing.assert_close(bn(x), ref(x))
+        running = momentum * running + (1 - momentum) * x.mean(0)  # the Keras formula
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    torch.testing.assert_close(bn.running_mean, running)
+    bn.eval()
+    ref.eval()
+    x = torch.randn(16, 8, generator=gen)
+    torch.testing.assert_close(bn(x), ref(x))
+    torch.testing.assert_close(bn(x), (x - running) / torch.sqrt(bn.running_var + eps))
+
+
+# ------------------------------------------------------------------- activation
+@pytest.mark.parametrize("name,alpha,reference", [
+    ("relu", None, F.relu),
+    ("leaky_relu", 0.2, lambda z: F.leaky_relu(z, 0.2)),
+    ("leaky_relu", None, lambda z: F.leaky_relu(z, 0.01)),   # Keras' default slope
+    ("elu", 0.5, lambda z: F.elu(z, 0.5)),
+    ("softmax", None, lambda z: torch.softmax(z, -1)),
+    ("swish", None, F.silu),
+    ("gelu_approx", None, lambda z: F.gelu(z, approximate="tanh")),
+])
+def test_activation_layer(name, alpha, reference):
+    model = build([{"type": "dense", "units": 6},
+                   {"type": "activation", "activation": name, "alpha": alpha},
+                   {"type": "dense", "units": "auto"}])
+    z = torch.randn(10, 6)
+    torch.testing.assert_close(model.layers["activation_2"](z), reference(z))
+
+
+# --------------------------------------------------------------- gaussian noise
+def test_gaussian_noise_only_in_training():
+    stddev = 0.5
+    model = build([{"type": "gaussian_noise", "stddev": stddev}, {"type": "dense", "units": "auto"}])
+    noise = model.layers["gaussian_noise_1"]
+    x = torch.randn(4000, 8)
+    torch.manual_seed(0)
+    noise.train()
+    delta = noise(x) - x
+    assert abs(delta.mean().item()) < 0.01
+    assert abs(delta.std().item() - stddev) < 0.01
+    noise.eval()
+    assert torch.equal(noise(x), x)
+
+
+# ------------------------------------------------------------------ graph model
+def test_add_and_concatenate_in_a_graph_model():
+    spec = DataSpec({"a": 3, "b": 5}, {"target": TargetSpec("regression", 2)})
+    model = build([
+        {"type": "dense", "name": "da", "inputs": ["a"], "units": 4, "activation": "relu"},
+        {"type": "dense", "name": "db", "inputs": ["b"], "units": 4, "activation": "tanh"},
+        {"type": "add", "name": "sum", "inputs": ["da", "db"]},
+        {"type": "concatenate", "name": "cat", "inputs": ["sum", "a"]},
+        {"type": "dense", "name": "out", "inputs": ["cat"], "units": "auto"},
+    ], spec, inputs={"a": {"columns": ["x0"]}, "b": {"columns": "rest"}})
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 3, generator=gen), torch.randn(7, 5, generator=gen)
+    L = model.layers
+    da = F.relu(a @ L["da"].weight.T + L["da"].bias)
+    db = torch.tanh(b @ L["db"].weight.T + L["db"].bias)
+    cat = torch.cat([da + db, a], dim=1)                       # (7, 4 + 3)
+    expected = cat @ L["out"].weight.T + L["out"].bias
+    torch.testing.assert_close(model({"a": a, "b": b})["target"], expected, rtol=1e-5, atol=1e-5)
+    widths = {r["layer"]: r["output_shape"] for r in model.summary()}
+    assert widths == {"da": "(None, 4)", "db": "(None, 4)", "sum": "(None, 4)", "cat": "(None, 7)",
+                      "out": "(None, 2)"}
+
+
+# ------------------------------------------------------------------- penalties
+def test_l1_l2_penalty_is_the_formula():
+    model = build([{"type": "dense", "units": 6, "l1": 0.01, "l2": 0.002},
+                   {"type": "dense", "units": 4, "l2": 0.05},
+                   {"type": "dense", "units": "auto"}])
+    w1, w2 = model.layers["dense_1"].weight, model.layers["dense_2"].weight
+    expected = 0.01 * w1.abs().sum() + 0.002 * (w1 ** 2).sum() + 0.05 * (w2 ** 2).sum()  # kernels only
+    torch.testing.assert_close(model.penalty(), expected)
+    model.penalty().backward()
+    torch.testing.assert_close(w1.grad, 0.01 * w1.sign() + 2 * 0.002 * w1.detach())
+    assert model.layers["dense_3"].weight.grad is None
+    assert build([{"type": "dense", "units": "auto"}]).penalty() is None
+
+
+# ---------------------------------------------------------------------- summary
+def _model_with_every_parametric_layer():
+    return build([{"type": "dense", "units": 32, "activation": "relu"},
+                  {"type": "batchnorm"},
+                  {"type": "dropout", "rate": 0.1},
+                  {"type": "dense", "units": 16, "use_bias": False},
+                  {"type": "dense", "units": "auto"}])
+
+
+def test_summary_rows_count_parameters_and_state():
+    model = _model_with_every_parametric_layer()
+    rows = model.summary()
+    for row in rows:
+        layer = model.layers[row["layer"]]
+        state = [v for k, v in layer.state_dict().items() if not k.endswith("num_batches_tracked")]
+        assert row["params"] == sum(v.numel() for v in state)
+    assert [r["output_shape"] for r in rows] == ["(None, 32)", "(None, 32)", "(None, 32)", "(None, 16)",
+                                                 "(None, 3)"]
+    assert rows[0]["params"] == 8 * 32 + 32 and rows[1]["params"] == 4 * 32 and rows[3]["params"] == 32 * 16
+    text = render_summary(model)
+    trainable = sum(p.numel() for p in model.parameters())
+    assert f"Trainable params: {trainable:,}" in text
+    assert f"Total params: {sum(r['params'] for r in rows):,}" in text
+    assert f"Non-trainable params: {2 * 32:,}" in text      # batchnorm's moving mean and variance
+
+
+def test_summary_command(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {source: iris}\n"
+                      "model:\n  layers:\n"
+                      "    - {type: dense, units: 10, activation: relu}\n"
+                      "    - {type: dense, units: auto, activation: auto}\n")
+    assert cli.main(["summary", str(params), "--data", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"dense_1 \(dense\)\s+\(None, 10\)\s+50\s", out)     # 4 features * 10 + 10
+    assert re.search(r"dense_2 \(dense\)\s+\(None, 3\)\s+33\s", out)      # 10 * 3 classes + 3
+    assert "Total params: 83" in out
+    assert "softmax" in out and "sparse_categorical_crossentropy" in out

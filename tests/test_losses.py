@@ -1,0 +1,194 @@
+"""Every loss against torch / scikit-learn references or its formula, and class weights."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import log_loss
+from sklearn.utils.class_weight import compute_class_weight
+
+from densepipe import config
+from densepipe.data.preprocess import Preprocessor
+from densepipe.nn.losses import LOSSES, loss_fn, weighted_mean
+from densepipe.nn.model import DataSpec, TargetSpec, build_model
+from densepipe.stages.train import class_weights
+from densepipe.train.loop import Split, Trainer
+
+GEN = torch.Generator().manual_seed(0)
+N = 64
+
+
+def randn(*shape, scale=1.0):
+    return torch.randn(*shape, generator=GEN, dtype=torch.float64) * scale
+
+
+def labels(k, n=N):
+    return torch.randint(0, k, (n,), generator=GEN)
+
+
+def loss(name, raw, target, head="linear", **params):
+    return LOSSES[name](raw, target, head, **params)
+
+
+def close(a, b, tol=1e-10):
+    as64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(as64(a), as64(b), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------ regression
+@pytest.mark.parametrize("width", [1, 3])
+def test_mse_mae(width):
+    p, t = randn(N, width), randn(N, width)
+    close(loss("mse", p, t).mean(), F.mse_loss(p, t))
+    close(loss("mae", p, t).mean(), F.l1_loss(p, t))
+    close(loss("mean_squared_error", p, t), ((p - t) ** 2).mean(dim=1))
+
+
+def test_regression_target_of_shape_n_matches_a_single_output():
+    p, t = randn(N, 1), randn(N)
+    close(loss("mse", p, t), (p[:, 0] - t) ** 2)
+
+
+@pytest.mark.parametrize("delta", [0.5, 1.0, 2.0])
+def test_huber(delta):
+    p, t = randn(N, 2, scale=2), randn(N, 2, scale=2)
+    d = (p - t).abs()
+    formula = torch.where(d <= delta, 0.5 * d ** 2, delta * (d - 0.5 * delta)).mean(dim=1)
+    close(loss("huber", p, t, delta=delta), formula)
+    close(loss("huber", p, t, delta=delta).mean(), F.huber_loss(p, t, delta=delta))
+
+
+def test_log_cosh_formula_and_stability():
+    p, t = randn(N, 2, scale=3), randn(N, 2, scale=3)
+    close(loss("log_cosh", p, t), torch.log(torch.cosh(p - t)).mean(dim=1))
+    big = torch.tensor([[400.0]], dtype=torch.float64)     # cosh overflows; log cosh ~ |d| - log 2
+    close(loss("log_cosh", big, torch.zeros(1, 1)), [400.0 - math.log(2.0)])
+
+
+# -------------------------------------------------------------- binary
+def test_binary_crossentropy_from_logits_vs_torch_and_sklearn():
+    z, y = randn(N, 1, scale=3), labels(2)
+    per = loss("binary_crossentropy", z, y, head="sigmoid")
+    close(per.mean(), F.binary_cross_entropy_with_logits(z[:, 0], y.double()))
+    close(per.mean(), log_loss(y.numpy(), torch.sigmoid(z[:, 0]).numpy()), tol=1e-9)
+
+
+def test_binary_crossentropy_from_probabilities():
+    p, y = torch.rand(N, 1, generator=GEN, dtype=torch.float64) * 0.98 + 0.01, labels(2)
+    per = loss("binary_crossentropy", p, y, head="linear", from_logits=False)
+    close(per.mean(), F.binary_cross_entropy(p[:, 0], y.double()))
+    close(per.mean(), log_loss(y.numpy(), p[:, 0].numpy()), tol=1e-9)
+    # A sigmoid head read as probabilities applies the sigmoid first.
+    z = randn(N, 1)
+    close(loss("bce", z, y, head="sigmoid", from_logits=False).mean(),
+          F.binary_cross_entropy(torch.sigmoid(z[:, 0]), y.double()))
+
+
+def test_binary_crossentropy_label_smoothing():
+    z, y, ls = randn(N, 1), labels(2), 0.2
+    smoothed = y.double() * (1 - ls) + 0.5 * ls      # Keras' binary label smoothing
+    close(loss("binary_crossentropy", z, y, head="sigmoid", label_smoothing=ls).mean(),
+          F.binary_cross_entropy_with_logits(z[:, 0], smoothed))
+
+
+# ----------------------------------------------------------- categorical
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_categorical_crossentropy_vs_torch(smoothing):
+    z, y = randn(N, 5, scale=2), labels(5)
+    expected = F.cross_entropy(z, y, reduction="none", label_smoothing=smoothing)
+    close(loss("categorical_crossentropy", z, F.one_hot(y, 5).double(), head="softmax",
+               label_smoothing=smoothing), expected)
+    close(loss("categorical_crossentropy", z, y, head="softmax", label_smoothing=smoothing), expected)
+
+
+def test_categorical_crossentropy_soft_targets_and_probabilities():
+    z = randn(N, 4)
+    t = torch.softmax(randn(N, 4), dim=1)            # a distribution per row
+    close(loss("cce", z, t, head="softmax"), F.cross_entropy(z, t, reduction="none"))
+    p = torch.softmax(z, dim=1)
+    close(loss("cce", p, t, head="linear", from_logits=False), -(t * p.log()).sum(1))
+
+
+def test_sparse_categorical_crossentropy_vs_torch_and_sklearn():
+    z, y = randn(N, 6), labels(6)
+    per = loss("sparse_categorical_crossentropy", z, y, head="softmax")
+    close(per, F.cross_entropy(z, y, reduction="none"))
+    close(per.mean(), log_loss(y.numpy(), torch.softmax(z, 1).numpy(), labels=range(6)), tol=1e-9)
+    # from probabilities (a softmax output layer the user keeps as is)
+    close(loss("scce", torch.softmax(z, 1), y, head="linear", from_logits=False), per, tol=1e-9)
+
+
+def test_kl_divergence_vs_torch():
+    z = randn(N, 4)
+    t = torch.softmax(randn(N, 4), dim=1)
+    expected = F.kl_div(torch.log_softmax(z, 1), t, reduction="none").sum(1)
+    close(loss("kl_divergence", z, t, head="softmax"), expected)
+    close(loss("kld", z, t, head="softmax").mean(),
+          F.kl_div(torch.log_softmax(z, 1), t, reduction="batchmean"))
+
+
+# ------------------------------------------------------------ margin losses
+@pytest.mark.parametrize("encoding", ["01", "pm1"])
+def test_hinge_and_squared_hinge(encoding):
+    z, y01 = randn(N, 1, scale=2), labels(2)
+    y = y01 if encoding == "01" else 2 * y01 - 1
+    s = (2 * y01 - 1).double().reshape(-1, 1)        # {-1, 1}
+    close(loss("hinge", z, y), torch.clamp(1 - s * z, min=0).mean(1))
+    close(loss("squared_hinge", z, y), (torch.clamp(1 - s * z, min=0) ** 2).mean(1))
+
+
+def test_perceptron_criterion():
+    z, y = randn(N, 1), labels(2)
+    s = (2 * y - 1).double().reshape(-1, 1)
+    per = loss("perceptron", z, y, head="step")
+    close(per, torch.clamp(-s * z, min=0).mean(1))
+    # Its gradient is the perceptron rule: -y x on misclassified rows, 0 elsewhere.
+    zz = z.clone().requires_grad_(True)
+    loss("perceptron", zz, y, head="step").sum().backward()
+    close(zz.grad, torch.where(s * z < 0, -s, torch.zeros_like(s)))
+
+
+def test_loss_fn_binds_parameters():
+    p, t = randn(N, 1, scale=3), randn(N, 1)
+    close(loss_fn("huber", delta=0.3)(p, t, "linear"), loss("huber", p, t, delta=0.3))
+
+
+# ------------------------------------------------------------- class weights
+def test_balanced_class_weights_equal_sklearn():
+    y = np.array([0] * 50 + [1] * 30 + [2] * 7 + [3] * 13)
+    frame = pd.DataFrame({"x": np.arange(len(y), dtype=float), "y": y})
+    pre = Preprocessor.fit(frame, ["y"], {"y": "multiclass"}, config.ScaleConfig())
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto"}]},
+                        "train": {"class_weight": "balanced"}})
+    weights = class_weights(cfg, pre, {"y": y})["y"]
+    expected = compute_class_weight("balanced", classes=np.unique(y), y=y)
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
+
+
+def test_explicit_class_weights_by_label():
+    frame = pd.DataFrame({"x": np.arange(6.0), "y": ["no", "yes", "no", "yes", "no", "no"]})
+    pre = Preprocessor.fit(frame, ["y"], {"y": "binary"}, config.ScaleConfig())
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto"}]},
+                        "train": {"class_weight": {"yes": 3.0}}})
+    assert class_weights(cfg, pre, {"y": np.array([0, 1, 0, 1, 0, 0])})["y"].tolist() == [1.0, 3.0]
+    bad = config.parse({"model": {"layers": [{"type": "dense", "units": "auto"}]},
+                        "train": {"class_weight": {"maybe": 3.0}}})
+    with pytest.raises(config.ConfigError, match=r"'maybe'.*classes: \['no', 'yes'\]"):
+        class_weights(bad, pre, {"y": np.array([0, 1])})
+
+
+def test_trainer_applies_class_weights_to_the_loss():
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto", "activation": "auto"}]},
+                        "train": {"progress": "quiet"}})
+    spec = DataSpec({"features": 5}, {"target": TargetSpec("multiclass", 3)})
+    model = build_model(cfg.model, cfg.train, spec, seed=0)
+    x, y = torch.randn(40, 5, generator=GEN), labels(3, 40)
+    table = torch.tensor([0.5, 2.0, 1.5])
+    trainer = Trainer(model, cfg.train, class_weights={"target": table})
+    losses, _ = trainer.evaluate(Split({"features": x}, {"target": y}))
+    per = F.cross_entropy(model({"features": x})["target"], y, reduction="none")
+    torch.testing.assert_close(losses[0].float(), weighted_mean(per, table[y]))
+    torch.testing.assert_close(losses[0].float(), (table[y] * per).mean())

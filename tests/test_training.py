@@ -1,0 +1,238 @@
+"""End-to-end training: logic gates, digits, a two-head model, reproducibility,
+resume after a kill through the real train stage, and progress output."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.datasets import load_digits, load_iris
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from densepipe import checkpoint as ckpt
+from densepipe import config
+from densepipe.nn.model import DataSpec, TargetSpec, build_model
+from densepipe.stages import scale as scale_stage
+from densepipe.stages import split as split_stage
+from densepipe.stages import train as train_stage
+from densepipe.train.history import History
+from densepipe.train.loop import Split, Trainer
+
+TIMING = ("epoch_seconds", "samples_per_sec")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def fit(model_cfg, spec, train, val=None, *, seed=0, log=lambda m: None, **train_cfg):
+    cfg = config.parse({"model": model_cfg, "train": {"progress": "quiet", **train_cfg}})
+    model = build_model(cfg.model, cfg.train, spec, seed=seed)
+    trainer = Trainer(model, cfg.train, seed=seed, log=log)
+    return trainer, trainer.fit(train, val)
+
+
+def gate(fn):
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])   # (4, 2) truth table
+    y = torch.tensor([fn(int(a), int(b)) for a, b in x.tolist()])
+    return Split({"features": x}, {"target": y})
+
+
+BINARY2 = DataSpec({"features": 2}, {"target": TargetSpec("binary", 1, [0, 1])})
+
+
+def predicted_labels(model, split):
+    return (model.predict(split.inputs)["target"].reshape(-1) >= 0.5).long()
+
+
+# ---------------------------------------------------------------- logic gates
+def test_xor_with_one_hidden_layer():
+    data = gate(lambda a, b: a ^ b)
+    trainer, history = fit({"layers": [{"type": "dense", "units": 8, "activation": "tanh"},
+                                       {"type": "dense", "units": "auto", "activation": "auto"}]},
+                           BINARY2, data, epochs=300, batch_size=4, optimizer={"name": "adam", "lr": 0.05})
+    assert torch.equal(predicted_labels(trainer.model, data), data.targets["target"])
+    assert history.records[-1]["accuracy"] == 1.0
+    assert history.records[-1]["loss"] < 0.1 * history.records[0]["loss"]
+
+
+def test_perceptron_learns_and_with_the_step_rule():
+    data = gate(lambda a, b: a & b)
+    trainer, history = fit({"layers": [{"type": "dense", "units": "auto", "activation": "step"}]},
+                           BINARY2, data, epochs=100, batch_size=4, optimizer={"name": "sgd", "lr": 0.1})
+    head = trainer.model.heads["target"]
+    assert (head.activation, head.loss) == ("step", "perceptron")
+    assert torch.equal(predicted_labels(trainer.model, data), data.targets["target"])
+    assert history.records[-1]["loss"] == 0.0           # every row on its side: nothing left to update
+
+
+def test_sigmoid_unit_learns_and_with_cross_entropy():
+    data = gate(lambda a, b: a & b)
+    trainer, history = fit({"layers": [{"type": "dense", "units": "auto", "activation": "sigmoid"}]},
+                           BINARY2, data, epochs=300, batch_size=4, optimizer={"name": "sgd", "lr": 1.0})
+    assert trainer.model.heads["target"].loss == "binary_crossentropy"
+    assert torch.equal(predicted_labels(trainer.model, data), data.targets["target"])
+    assert history.records[-1]["accuracy"] == 1.0
+
+
+# --------------------------------------------------------------------- digits
+def digits_splits():
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
+    scaler = StandardScaler().fit(Xtr)
+
+    def split(X_, y_):
+        return Split({"features": torch.tensor(scaler.transform(X_), dtype=torch.float32)},
+                     {"target": torch.tensor(y_)})
+    return split(Xtr, ytr), split(Xte, yte)
+
+
+DIGITS = DataSpec({"features": 64}, {"target": TargetSpec("multiclass", 10, list(range(10)))})
+DIGITS_MODEL = {"layers": [{"type": "dense", "units": 128, "activation": "relu"},
+                           {"type": "dropout", "rate": 0.1},
+                           {"type": "dense", "units": "auto", "activation": "auto"}]}
+
+
+def test_digits_classifier_above_95_percent():
+    train, test = digits_splits()
+    trainer, _ = fit(DIGITS_MODEL, DIGITS, train, epochs=20, batch_size=64)
+    pred = trainer.model.predict(test.inputs)["target"].argmax(dim=1)
+    accuracy = (pred == test.targets["target"]).float().mean().item()
+    assert accuracy > 0.95
+
+
+def test_same_params_and_seed_give_identical_results():
+    train, test = digits_splits()
+    runs = [fit(DIGITS_MODEL, DIGITS, train, test, seed=7, epochs=3, batch_size=64) for _ in range(2)]
+    (t1, h1), (t2, h2) = runs
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in h1.records]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in h2.records]
+    s1, s2 = t1.model.state_dict(), t2.model.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    _, h3 = fit(DIGITS_MODEL, DIGITS, train, test, seed=8, epochs=3, batch_size=64)
+    assert h3.records[-1]["loss"] != h1.records[-1]["loss"]       # the seed matters
+
+
+# ------------------------------------------------------------- two-head model
+def test_two_heads_on_one_trunk_train_both():
+    X, species = load_iris(return_X_y=True)
+    features, width = X[:, :3], X[:, 3:]               # predict petal width from the other three
+    idx_tr, idx_va = train_test_split(np.arange(len(X)), test_size=0.3, stratify=species, random_state=0)
+    xs, ws = StandardScaler().fit(features[idx_tr]), StandardScaler().fit(width[idx_tr])
+
+    def split(idx):
+        return Split({"features": torch.tensor(xs.transform(features[idx]), dtype=torch.float32)},
+                     {"petal_width": torch.tensor(ws.transform(width[idx]), dtype=torch.float32),
+                      "species": torch.tensor(species[idx])})
+
+    spec = DataSpec({"features": 3}, {"petal_width": TargetSpec("regression", 1),
+                                      "species": TargetSpec("multiclass", 3, [0, 1, 2])})
+    model_cfg = {
+        "layers": [{"type": "dense", "name": "trunk", "units": 32, "activation": "relu"},
+                   {"type": "dense", "name": "width", "inputs": ["trunk"], "units": "auto"},
+                   {"type": "dense", "name": "kind", "inputs": ["trunk"], "units": "auto",
+                    "activation": "auto"}],
+        "outputs": {"width": {"target": "petal_width", "metrics": ["r2"]},
+                    "kind": {"target": "species", "weight": 0.5}},
+    }
+    trainer, history = fit(model_cfg, spec, split(idx_tr), split(idx_va), epochs=150, batch_size=32,
+                           optimizer={"name": "adam", "lr": 0.01})
+    first, last = history.records[0], history.records[-1]
+    assert trainer.model.heads["width"].loss == "mse"
+    assert trainer.model.heads["kind"].loss == "sparse_categorical_crossentropy"
+    assert last["width_loss"] < 0.25 * first["width_loss"]
+    assert last["kind_loss"] < 0.25 * first["kind_loss"]
+    assert last["loss"] == pytest.approx(last["width_loss"] + 0.5 * last["kind_loss"], rel=1e-5)
+    assert last["val_kind_accuracy"] >= 0.9
+    assert last["val_width_r2"] >= 0.8
+
+
+# ------------------------------------------------------------------- progress
+@pytest.mark.parametrize("mode", ["quiet", "epoch", "bar"])
+def test_progress_modes(mode, capsys):
+    data = gate(lambda a, b: a | b)
+    fit({"layers": [{"type": "dense", "units": "auto", "activation": "auto"}]}, BINARY2, data,
+        log=print, epochs=3, progress=mode)
+    out = capsys.readouterr().out
+    if mode == "quiet":
+        assert out == ""
+    elif mode == "epoch":
+        lines = out.splitlines()
+        assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+        assert all("loss" in line and "accuracy" in line for line in lines)
+
+
+# ------------------------------------------------------- resume through the stage
+PARAMS = {
+    "seed": 3,
+    "data": {"source": "digits"},
+    "model": {"layers": [{"type": "dense", "units": 32, "activation": "relu"},
+                         {"type": "dropout", "rate": 0.2},
+                         {"type": "dense", "units": "auto", "activation": "auto"}]},
+    "train": {"epochs": 6, "batch_size": 64, "progress": "quiet",
+              "callbacks": [{"type": "reduce_on_plateau", "monitor": "loss", "patience": 1, "factor": 0.5,
+                             "min_delta": 1.0},  # halves the lr every epoch after the first
+                            {"type": "early_stopping", "patience": 10, "restore_best_weights": True},
+                            {"type": "model_checkpoint"}]},
+    "mlflow": {"enabled": False},
+}
+
+
+def stage_args(tmp, run):
+    out = tmp / run
+    return argparse.Namespace(params=str(tmp / "params.yaml"), set=[], data=str(tmp / "processed"),
+                              model=str(out / "model.pt"), checkpoint=str(out / "checkpoint.pt"),
+                              metrics=str(out / "train.json"), history=str(out / "history.csv"),
+                              run=str(out / "run.json"))
+
+
+def outputs(args):
+    records = History.from_csv(args.history).records
+    history = [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    metrics = json.loads(open(args.metrics).read())
+    metrics.pop("samples_per_sec")
+    weights = torch.load(args.model, weights_only=True)["state_dict"]
+    return history, metrics, weights
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    params = str(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    split_stage.run(argparse.Namespace(params=params, set=[], out=str(tmp_path / "split")))
+    scale_stage.run(argparse.Namespace(params=params, set=[], split=str(tmp_path / "split"),
+                                       out=str(tmp_path / "processed")))
+    whole = stage_args(tmp_path, "whole")
+    train_stage.run(whole)
+
+    killed = stage_args(tmp_path, "killed")
+    save_resume = ckpt.save_resume
+
+    def save_then_die(path, state, key):
+        save_resume(path, state, key)
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt   # the process dies right after the epoch-3 checkpoint
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "save_resume", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train_stage.run(killed)
+    capsys.readouterr()
+    train_stage.run(killed)
+    assert "resuming from" in capsys.readouterr().out
+
+    h1, m1, w1 = outputs(whole)
+    h2, m2, w2 = outputs(killed)
+    assert len(h1) == PARAMS["train"]["epochs"]
+    assert h2 == h1
+    assert m2 == m1
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert min(r["lr"] for r in h1) < 1e-3          # the plateau schedule's state crossed the kill
+    # A finished run leaves nothing to resume: running again starts over and ends the same.
+    train_stage.run(killed)
+    assert "resuming" not in capsys.readouterr().out
+    assert outputs(killed)[0] == h1
