@@ -41,49 +41,40 @@ def _curves(ax, history: pd.DataFrame, keys: list[str], title: str, logy: bool =
     ax.grid(alpha=0.3)
 
 
-@FIGURES.register("loss")
-def loss_curves(ctx):
+def _history_figure(ctx, pick, title: str, height: float = 3.5, logy: bool = False):
+    """Curves of the history columns that `pick` selects, or None when there are none."""
     h = ctx["history"]
-    keys = [c for c in h.columns if c.endswith("loss")]
+    keys = [c for c in h.columns if pick(c)]
     if not keys:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    _curves(ax, h, keys, "loss: train vs validation")
+    fig, ax = plt.subplots(figsize=(6, height))
+    _curves(ax, h, keys, title, logy=logy and bool((h[keys] > 0).all().all()))
     return fig
+
+
+_NOT_METRICS = ("epoch", "lr", "epoch_seconds", "samples_per_sec")
+
+
+@FIGURES.register("loss")
+def loss_curves(ctx):
+    return _history_figure(ctx, lambda c: c.endswith("loss"), "loss: train vs validation")
 
 
 @FIGURES.register("metrics")
 def metric_curves(ctx):
-    h = ctx["history"]
-    skip = ("epoch", "lr", "epoch_seconds", "samples_per_sec")
-    keys = [c for c in h.columns if not c.endswith("loss") and c not in skip and not c.startswith("grad_norm/")]
-    if not keys:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    _curves(ax, h, keys, "metrics: train vs validation")
-    return fig
+    return _history_figure(ctx, lambda c: not c.endswith("loss") and c not in _NOT_METRICS
+                           and not c.startswith("grad_norm/"), "metrics: train vs validation")
 
 
 @FIGURES.register("learning_rate")
 def lr_curve(ctx):
-    h = ctx["history"]
-    if "lr" not in h:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 2.8))
-    _curves(ax, h, ["lr"], "learning rate", logy=h["lr"].min() > 0)
-    return fig
+    return _history_figure(ctx, lambda c: c == "lr", "learning rate", height=2.8, logy=True)
 
 
 @FIGURES.register("gradient_norms")
 def grad_norms(ctx):
-    h = ctx["history"]
-    keys = [c for c in h.columns if c.startswith("grad_norm/")]
-    if not keys:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    _curves(ax, h, keys, "gradient L2 norm per dense layer (mean over batches)",
-            logy=bool((h[keys] > 0).all().all()))
-    return fig
+    return _history_figure(ctx, lambda c: c.startswith("grad_norm/"),
+                           "gradient L2 norm per dense layer (mean over batches)", logy=True)
 
 
 @FIGURES.register("confusion_matrix")

@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--run", default="models/run.json")
 
 
-def _context(args, loaded) -> dict:
+def _context(args, loaded, max_layers: int) -> dict:
     plots_dir = Path(args.plots)
     features, targets = load_arrays(Path(args.data) / "test.npz")
     split = to_split(features, targets, loaded.preprocessor, loaded.config.model)
@@ -40,7 +40,8 @@ def _context(args, loaded) -> dict:
         "history": pd.read_csv(args.history),
         "metrics_full": json.loads((plots_dir / "metrics_full.json").read_text()),
         "plots": {p.stem: pd.read_csv(p) for p in sorted(plots_dir.glob("*.csv"))},
-        "weights": {n: m.weight.detach().cpu().numpy() for n, m in loaded.model.dense_layers().items()},
+        "weights": {n: m.weight.detach().cpu().numpy()
+                    for n, m in list(loaded.model.dense_layers().items())[:max_layers]},
         "dead_units": count_dead_units(loaded.model, split.inputs),
     }
     recon = [n for n, h in loaded.model.heads.items()
@@ -55,7 +56,7 @@ def _context(args, loaded) -> dict:
 def run(args) -> None:
     cfg = load_params(args)
     loaded = load_model(args.model)
-    ctx = _context(args, loaded)
+    ctx = _context(args, loaded, cfg.report.max_histogram_layers)
     figures = render_all(ctx)
     flags = run_checks(ctx)
     test_metrics = json.loads(Path(args.test_metrics).read_text())
