@@ -30,6 +30,10 @@ def test_grid_sweep_runs_six_trials_from_one_command(tmp_path):
     from mlflow.tracking import MlflowClient
 
     proj = _project_with(tmp_path, "sweep", epochs=2)
+    # A baseline whose split and scale are in the DVC cache: trials restore them instead of re-running.
+    run_cmd(["dvc", "repro", "pipelines/sweep/dvc.yaml:scale"], cwd=proj)
+    run_cmd(["git", "add", "-A"], cwd=proj)
+    run_cmd(["git", "commit", "-qm", "baseline data"], cwd=proj)
     out = run_cmd(["densepipe", "sweep", "pipelines/sweep/sweep.yaml", "--pipeline", "pipelines/sweep"],
                   cwd=proj, timeout=900)
     assert "sweep: 6 trials" in out.stdout

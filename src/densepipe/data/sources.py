@@ -18,9 +18,11 @@ class DataError(ValueError):
     """A problem with the data itself, phrased for the user."""
 
 
-def _bundled(loader, label_names: bool):
+def _bundled(loader_name: str, label_names: bool):
     def load(cfg):
-        bunch = loader(as_frame=True)
+        from sklearn import datasets  # imported on use: stages that read no source skip its import time
+
+        bunch = getattr(datasets, loader_name)(as_frame=True)
         frame = bunch.frame.copy()
         if label_names and hasattr(bunch, "target_names"):
             names = np.asarray(bunch.target_names)
@@ -29,14 +31,13 @@ def _bundled(loader, label_names: bool):
     return load
 
 
-def _register_bundled():
-    from sklearn import datasets as ds
-
-    SOURCES.add("digits", _bundled(ds.load_digits, label_names=False))
-    SOURCES.add("iris", _bundled(ds.load_iris, label_names=True))
-    SOURCES.add("wine", _bundled(ds.load_wine, label_names=True))
-    SOURCES.add("breast_cancer", _bundled(ds.load_breast_cancer, label_names=True))
-    SOURCES.add("diabetes", _bundled(ds.load_diabetes, label_names=False))
+_BUNDLED = {  # name -> (scikit-learn loader, labels as class names)
+    "digits": ("load_digits", False),
+    "iris": ("load_iris", True),
+    "wine": ("load_wine", True),
+    "breast_cancer": ("load_breast_cancer", True),
+    "diabetes": ("load_diabetes", False),
+}
 
 
 def _generator(name: str, defaults: dict):
@@ -109,7 +110,8 @@ def _file_reader(kind: str):
     return load
 
 
-_register_bundled()
+for _name, (_loader, _labels) in _BUNDLED.items():
+    SOURCES.add(_name, _bundled(_loader, _labels))
 for _name, _defaults in _GENERATORS.items():
     SOURCES.add(_name, _generator(_name, _defaults))
 SOURCES.add("logic_gate", _logic_gate)
