@@ -47,6 +47,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_dense.py
 	$(PY) benchmarks/bench_optim.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf build src/densepipe/*.so src/*.egg-info
