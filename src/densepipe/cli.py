@@ -131,8 +131,9 @@ def _run_stage(module_name: str, argv: list[str]) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from densepipe.config import ConfigError
     from densepipe.data.sources import DataError
+    from densepipe.train.distributed import WorkerFailure
     from densepipe.train.loop import DivergenceError
-    return ConfigError, DataError, DivergenceError, FileNotFoundError
+    return ConfigError, DataError, DivergenceError, WorkerFailure, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:

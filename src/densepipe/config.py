@@ -288,6 +288,10 @@ class CallbackConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    nproc: PositiveInt = 1   # processes on this machine; > 1: the stage starts itself through torchrun
+
+
 class TrainConfig(Section):
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 128
@@ -302,6 +306,7 @@ class TrainConfig(Section):
     progress: Literal["bar", "epoch", "quiet"] = "epoch"
     checkpoint_every: PositiveInt = 1        # epochs between resume checkpoints
     deterministic: bool = True               # same seed -> same metrics on CPU
+    distributed: DistributedConfig = DistributedConfig()  # data-parallel processes (DDP)
 
     @field_validator("loss")
     @classmethod

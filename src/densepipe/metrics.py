@@ -8,6 +8,7 @@ head's output: probabilities for sigmoid/softmax heads, values for regression.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ def _labels(pred: Tensor) -> Tensor:
 
 
 def _flat(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    pred = pred.reshape(pred.shape[0], -1)
+    pred = pred.reshape(pred.shape[0], math.prod(pred.shape[1:]))  # not -1: a shard may have no rows
     return pred, target.to(pred.dtype).reshape(pred.shape)
 
 
@@ -86,7 +87,7 @@ def _r2_stats(pred, target):
     # Per output column: several outputs average their R^2, as scikit-learn's r2_score does.
     p, t = _flat(pred, target)
     t64 = t.double()
-    n = torch.full_like(t64[0], t.shape[0])
+    n = t64.new_full(t64.shape[1:], t.shape[0])
     return torch.stack([((p - t) ** 2).sum(0).double(), t64.sum(0), (t64 ** 2).sum(0), n])  # (4, outputs)
 
 

@@ -4,7 +4,7 @@
 softmax, step); `head` names that activation. Classification losses work on the
 logits where the head allows it (log-sum-exp stable, as Keras' from_logits=True),
 or on probabilities when the user sets from_logits: false.
-Class and sample weights are applied by `weighted_mean`, outside the losses.
+Class and sample weights are applied by `weighted_sum` / `weighted_mean`, outside the losses.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ _EPS = 1e-7  # probability clamp, Keras' epsilon
 
 def _flat(raw: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     target = target.to(raw.dtype).reshape(raw.shape)
-    return raw.reshape(raw.shape[0], -1), target.reshape(raw.shape[0], -1)
+    shape = (raw.shape[0], math.prod(raw.shape[1:]))  # not -1: a batch may have no rows
+    return raw.reshape(shape), target.reshape(shape)
 
 
 def _probs(raw: Tensor, head: str) -> Tensor:
@@ -136,9 +137,14 @@ def kl_divergence(raw, target, head="softmax", from_logits="auto"):
     return (t * (t.log() - _log_probs(raw, head, from_logits))).sum(dim=-1)
 
 
+def weighted_sum(per_sample: Tensor, weight: Tensor | None) -> Tensor:
+    """Sum over the rows of weight * loss: adds up over batches and processes."""
+    return per_sample.sum() if weight is None else (per_sample * weight).sum()
+
+
 def weighted_mean(per_sample: Tensor, weight: Tensor | None) -> Tensor:
     """Keras' sum_over_batch_size: mean over the batch of weight * loss."""
-    return per_sample.mean() if weight is None else (per_sample * weight).mean()
+    return weighted_sum(per_sample, weight) / per_sample.shape[0]
 
 
 def loss_fn(name: str, **params) -> Callable[[Tensor, Tensor, str], Tensor]:

@@ -3,6 +3,10 @@
 A resume checkpoint is written every `train.checkpoint_every` epochs; when the
 stage runs again with the same params and data it continues from there, and
 the result equals an uninterrupted run.
+
+With `train.distributed.nproc` > 1 the stage starts itself in that many processes
+through torchrun; under torchrun (ours or the user's) every rank trains and rank 0
+alone writes the outputs and talks to MLflow.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from densepipe.data.preprocess import Preprocessor
 from densepipe.io import write_json
 from densepipe.nn.model import build_model
 from densepipe.stages.common import as_config_error, load_params, seed_everything
+from densepipe.train import distributed
 from densepipe.train.loop import DivergenceError, Trainer
 
 _DONE = {"format": ckpt.RESUME_FORMAT, "key": "completed"}  # a finished run leaves nothing to resume
@@ -58,7 +63,11 @@ def class_weights(cfg, pre: Preprocessor, targets: dict) -> dict[str, torch.Tens
 
 
 def _resume_key(cfg, data_dir: Path) -> str:
-    h = hashlib.sha256(ckpt.config_hash(cfg, "seed", "model", "train").encode())
+    # The number of processes does not change what a checkpoint holds: a job killed on
+    # N processes may resume on M.
+    one = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"distributed": config_mod.DistributedConfig()})})
+    h = hashlib.sha256(ckpt.config_hash(one, "seed", "model", "train").encode())
     for name in ("preprocessor.json", "train.npz", "val.npz"):
         h.update((data_dir / name).read_bytes())
     return h.hexdigest()[:16]
@@ -81,6 +90,29 @@ def final_metrics(history, stopped: str | None, restored_epoch: int | None = Non
 
 def run(args) -> None:
     cfg = load_params(args)
+    nproc = cfg.train.distributed.nproc
+    if distributed.should_launch(nproc):
+        _launch(args, cfg, nproc)
+        return
+    with distributed.process_group(cfg.train.device) as ctx:
+        _train(args, cfg, ctx)
+
+
+def _launch(args, cfg, nproc: int) -> None:
+    """This same command in nproc processes through torchrun; waits for the job."""
+    print(f"train: {nproc} processes (torchrun --standalone --nproc-per-node {nproc})")
+    try:
+        distributed.launch(["train", *distributed.argv(args)], nproc)
+    except distributed.WorkerFailure as err:
+        path = Path(args.checkpoint)
+        state = ckpt.load_resume(path, _resume_key(cfg, Path(args.data)))
+        note = (f"The last checkpoint, {path} (after epoch {state['epoch']}), loads with "
+                f"torch.load(..., weights_only=True); run the stage again to resume from it"
+                if state is not None else f"No checkpoint was written yet ({path}); the next run starts over")
+        raise distributed.WorkerFailure(f"{err}. {note}") from None
+
+
+def _train(args, cfg, ctx: distributed.Context) -> None:
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     data_dir = Path(args.data)
@@ -91,7 +123,7 @@ def run(args) -> None:
     model = as_config_error(build_model, cfg.model, cfg.train, spec, cfg.seed)
     resume_path, model_path = Path(args.checkpoint), Path(args.model)
     key = _resume_key(cfg, data_dir)
-    state = ckpt.load_resume(resume_path, key)
+    state = distributed.from_main(ckpt.load_resume(resume_path, key) if ctx.main else None)
 
     def save_model(epoch: int) -> None:
         ckpt.save_model(model_path, trainer.model, cfg, pre, spec, epoch)
@@ -101,20 +133,25 @@ def run(args) -> None:
 
     trainer = Trainer(model, cfg.train, seed=cfg.seed,
                       class_weights=class_weights(cfg, pre, arrays["train"][1]),
-                      save_model=save_model, save_checkpoint=save_checkpoint)
+                      save_model=save_model if ctx.main else None,
+                      save_checkpoint=save_checkpoint if ctx.main else None)
     if state is not None:
         trainer.load_state_dict(state)
-        print(f"resuming from {resume_path} after epoch {trainer.start_epoch}")
-    tracker = _open_tracker(cfg, args.run, state)
+        trainer.log(f"resuming from {resume_path} after epoch {trainer.start_epoch}")
+    tracker = _open_tracker(cfg, args.run, state) if ctx.main else tracking.Tracker(None, None)
     if state is None:
         tracker.log_params(config_mod.resolved(cfg))
     try:
         history = trainer.fit(train, val)
     except DivergenceError:
-        save_model(len(trainer.history))  # the last good weights, for inspection
+        if ctx.main:
+            save_model(len(trainer.history))  # the last good weights, for inspection
         tracker.log_history(trainer.history.records)
         tracker.finish("FAILED")
+        distributed.barrier()  # the launcher stops the job at the first failed rank: rank 0 writes first
         raise
+    if not ctx.main:
+        return  # rank 0 writes the outputs
     if not any(cb.type == "model_checkpoint" for cb in cfg.train.callbacks) or not model_path.exists():
         save_model(len(history))
     history.save_csv(args.history)

@@ -4,6 +4,11 @@ permutation per epoch, one host sync per epoch, reused batch buffers.
 Diverging training (a non-finite loss) is noticed at the epoch's sync: the
 first bad batch is tracked on the device, the weights of the last good epoch are
 put back, and the user is told which epoch and batch went wrong.
+
+Under torchrun the same loop runs on every rank (see train/distributed.py): each
+trains on its shard of every global batch, DistributedDataParallel averages the
+gradients, and the epoch's sums (losses, metric statistics, divergence flags) are
+added up over the ranks in one collective just before the epoch's host sync.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ import copy
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from densepipe.metrics import METRICS
-from densepipe.nn.losses import LOSSES, weighted_mean
+from densepipe.nn.losses import LOSSES, weighted_sum
+from densepipe.train import distributed
 from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
 from densepipe.train.history import History
 from densepipe.train.optimizers import build_optimizer
 from densepipe.train.progress import make_progress
 
 EVAL_CHUNK = 8192  # rows per forward pass when scoring a whole split
+WALL_CLOCK = ("epoch_seconds", "samples_per_sec")  # differ between ranks: logged, never decided on
 
 
 class DivergenceError(RuntimeError):
@@ -42,26 +50,35 @@ class Split:
         return Split({k: v.to(device) for k, v in self.inputs.items()},
                      {k: v.to(device) for k, v in self.targets.items()})
 
+    def rows(self, start: int, stop: int) -> Split:
+        return Split({k: v[start:stop] for k, v in self.inputs.items()},
+                     {k: v[start:stop] for k, v in self.targets.items()})
+
 
 @dataclass
 class EpochBuffers:
-    """Allocated once per fit and reused by every epoch's batches."""
-    inputs: dict[str, Tensor]   # input name -> (batch_size, features): the gathered batch
-    outputs: dict[str, Tensor]  # output name -> (N, width): raw outputs in batch order, for metrics
-    batch_log: Tensor           # (batches, 2 + outputs): objective, total loss, each output's loss
-    norm_log: Tensor            # (batches, dense layers): each dense kernel's gradient norm
-    rows: Tensor                # (batches,) float64: rows per batch (the last may be short)
+    """Allocated once per fit and reused by every epoch's batches (this rank's rows only)."""
+    inputs: dict[str, Tensor]   # input name -> (largest step, features): the gathered batch
+    outputs: dict[str, Tensor]  # output name -> (rows, width): raw outputs in step order, for metrics
+    batch_log: Tensor           # (steps, 2 + outputs): objective, loss sums (total, each output)
+    norm_log: Tensor            # (steps, dense layers): each dense kernel's gradient norm
 
     @classmethod
-    def allocate(cls, data: Split, bs: int, outputs: dict[str, int], dense: int, dtype) -> EpochBuffers:
-        dev, n_batches = next(iter(data.inputs.values())).device, -(-data.n // bs)
-        rows = torch.full((n_batches,), float(bs), dtype=torch.float64, device=dev)
-        rows[-1] = data.n - bs * (n_batches - 1)
-        return cls({k: torch.empty((min(bs, data.n), *v.shape[1:]), dtype=v.dtype, device=dev)
+    def allocate(cls, data: Split, shard: distributed.Shard, outputs: dict[str, int], dense: int,
+                 dtype) -> EpochBuffers:
+        dev, steps, rows = next(iter(data.inputs.values())).device, len(shard.bounds), shard.positions.numel()
+        widest = max(hi - lo for lo, hi in shard.bounds)
+        return cls({k: torch.empty((widest, *v.shape[1:]), dtype=v.dtype, device=dev)
                     for k, v in data.inputs.items()},
-                   {k: torch.empty((data.n, w), dtype=dtype, device=dev) for k, w in outputs.items()},
-                   torch.empty((n_batches, 2 + len(outputs)), dtype=dtype, device=dev),
-                   torch.empty((n_batches, dense), dtype=dtype, device=dev), rows)
+                   {k: torch.empty((rows, w), dtype=dtype, device=dev) for k, w in outputs.items()},
+                   torch.empty((steps, 2 + len(outputs)), dtype=dtype, device=dev),
+                   torch.empty((steps, dense), dtype=dtype, device=dev))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the global generator (dropout, noise) for one epoch on one rank: ranks draw
+    different masks, and a resumed run draws what the uninterrupted one drew."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch, rank]).generate_state(1)[0])
 
 
 class Trainer:
@@ -70,14 +87,16 @@ class Trainer:
         """cfg: config.TrainConfig. save_model(epoch) writes the model file (checkpoint
         callback); save_checkpoint(state) writes the resume checkpoint."""
         self.cfg, self.model, self.seed = cfg, model, seed
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if cfg.device == "auto" else cfg.device))
+        self.dist = distributed.current()
+        self.device = distributed.device(cfg.device)
         self.model.to(self.device)
+        self.net = distributed.wrap(model, self.device)  # runs forward/backward; DDP under torchrun
         self.optimizer = build_optimizer(model.parameters(), cfg.optimizer)
         self.base_lr = cfg.optimizer.lr
         self.callbacks = build_callbacks(cfg.callbacks)
         self.class_weights = {k: v.to(self.device) for k, v in (class_weights or {}).items()}
-        self._save_model, self._save_checkpoint, self.log = save_model, save_checkpoint, log
+        self._save_model, self._save_checkpoint = save_model, save_checkpoint
+        self.log = log if self.dist.main else (lambda msg: None)  # rank 0 speaks for the job
         self.history = History()
         self.epochs, self.start_epoch = cfg.epochs, 0
         self.stop, self.stop_reason = False, None
@@ -108,8 +127,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "history": self.history.records,
-            "torch_rng": torch.get_rng_state(),
-            "shuffle_rng": self.shuffle_gen.get_state(),
+            "shuffle_rng": self.shuffle_gen.get_state(),  # the global generator is seeded per epoch
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -118,19 +136,19 @@ class Trainer:
         for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(s)
         self.history.records = list(state["history"])
-        torch.set_rng_state(state["torch_rng"])
         self.shuffle_gen.set_state(state["shuffle_rng"])
         self.start_epoch = int(state["epoch"])
 
     # ------------------------------------------------------------------- losses
-    def _losses(self, raw: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _loss_sums(self, raw: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Sums over the rows (total and per output): they add up over steps and ranks."""
         parts, total = [], None
         for name, head in self.model.heads.items():
             target = targets[head.target]
             per_sample = LOSSES[head.loss](raw[name], target, head.activation, **head.loss_params)
             table = self.class_weights.get(head.target)
             weight = table[target.reshape(-1).long()] if table is not None else None
-            part = weighted_mean(per_sample, weight)
+            part = weighted_sum(per_sample, weight)
             parts.append(part)
             weighted = part if head.weight == 1.0 else head.weight * part
             total = weighted if total is None else total + weighted
@@ -158,38 +176,41 @@ class Trainer:
         return (torch.randperm(n, generator=self.shuffle_gen, device=self.device) if self.cfg.shuffle
                 else torch.arange(n, device=self.device))
 
-    def _train_epoch(self, data: Split, buf: EpochBuffers):
-        """One pass over `data`. Per batch it only copies its outputs, losses and gradient norms
-        into `buf`; metrics and means are computed once at the end, still on the device."""
-        self.model.train()
+    def _train_epoch(self, data: Split, buf: EpochBuffers, shard: distributed.Shard):
+        """One pass over this rank's share of `data`. Per step it only copies its outputs, loss sums
+        and gradient norms into `buf`; the epoch's sums are formed at the end, still on the device.
+        Returns [loss sums (total, each output), bad-step flags, *metric statistics] and gradient norms."""
+        self.net.train()
         dense = [self.model.layers[n].weight for n in self.dense_names]
-        perm, bs = self._permutation(data.n), self.cfg.batch_size
-        for b, start in enumerate(range(0, data.n, bs)):
-            idx = perm[start:start + bs]
-            xb = {k: torch.index_select(v, 0, idx, out=buf.inputs[k][:idx.numel()])
+        order = self._permutation(data.n).index_select(0, shard.positions)  # (rows,) this rank's, by step
+        for s, ((lo, hi), rows) in enumerate(zip(shard.bounds, shard.step_rows, strict=True)):
+            idx = order[lo:hi]
+            xb = {k: torch.index_select(v, 0, idx, out=buf.inputs[k][:hi - lo])
                   for k, v in data.inputs.items()}
             yb = {k: v.index_select(0, idx) for k, v in data.targets.items()}
-            raw = self.model(xb)
-            total, parts = self._losses(raw, yb)
+            raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
+            total, parts = self._loss_sums(raw, yb)
+            # DDP averages over ranks, so world / rows makes the gradient the global step's mean.
+            objective = total * (self.dist.world / rows)
             penalty = self.model.penalty()
-            objective = total if penalty is None else total + penalty
+            objective = objective if penalty is None else objective + penalty
             self.optimizer.zero_grad()
-            objective.backward()
+            objective.backward()  # returns after DDP's gradient all-reduce
             self._clip()
             self.optimizer.step()
             with torch.no_grad():
-                torch.stack([objective, total, *parts], out=buf.batch_log[b])
+                torch.stack([objective, total, *parts], out=buf.batch_log[s])
                 for name, r in raw.items():
-                    buf.outputs[name][start:start + bs].copy_(r.reshape(r.shape[0], -1))
+                    buf.outputs[name][lo:hi].copy_(r.flatten(1))
                 if dense:
-                    torch.stack(torch._foreach_norm([w.grad for w in dense]), out=buf.norm_log[b])
-        # Each batch's outputs came from the weights before its step, as Keras' running metrics.
-        stats = self._metric_stats(buf.outputs, {k: v.index_select(0, perm) for k, v in data.targets.items()})
-        losses = (buf.batch_log[:, 1:].double() * buf.rows[:, None]).sum(0) / data.n  # (1 + outputs,)
-        bad = ~torch.isfinite(buf.batch_log[:, 0])                                     # (batches,)
-        first_bad = torch.where(bad.any(), bad.int().argmax(), -1)                    # argmax: the first
-        grad_norms = (buf.norm_log.double() ** 2).mean(0).sqrt()                       # RMS over batches
-        return losses, stats, grad_norms, first_bad
+                    torch.stack(torch._foreach_norm([w.grad for w in dense]), out=buf.norm_log[s])
+        # Each step's outputs came from the weights before its update, as Keras' running metrics.
+        targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
+        stats = self._metric_stats(buf.outputs, targets)
+        loss_sums = buf.batch_log[:, 1:].double().sum(0)               # (1 + outputs,)
+        bad = (~torch.isfinite(buf.batch_log[:, 0])).double()          # (steps,) 1 where non-finite
+        grad_norms = (buf.norm_log.double() ** 2).mean(0).sqrt()       # RMS over steps; equal on all ranks
+        return [loss_sums, bad, *stats], grad_norms
 
     def _clip(self) -> None:
         clip = self.cfg.clip
@@ -203,21 +224,25 @@ class Trainer:
             clip_grad_norm_(params, clip.norm)
 
     @torch.no_grad()
-    def evaluate(self, data: Split) -> tuple[Tensor, list[Tensor]]:
-        """Loss per output (and total) and metric values on a whole split: one pass, no sync."""
+    def _eval_sums(self, data: Split) -> list[Tensor]:
+        """[loss sums (total, each output), *metric statistics] over a split: one pass, no sync."""
         self.model.eval()
         n_out = len(self.model.heads)
         loss_sum = torch.zeros(n_out + 1, device=self.device, dtype=torch.float64)
         stats = None
-        for start in range(0, data.n, EVAL_CHUNK):
-            xb = {k: v[start:start + EVAL_CHUNK] for k, v in data.inputs.items()}
-            yb = {k: v[start:start + EVAL_CHUNK] for k, v in data.targets.items()}
-            raw = self.model(xb)
-            total, parts = self._losses(raw, yb)
-            loss_sum += torch.stack([total, *parts]).double() * next(iter(xb.values())).shape[0]
-            s = self._metric_stats(raw, yb)
+        for start in range(0, max(data.n, 1), EVAL_CHUNK):  # an empty shard still gives (zero) statistics
+            part = data.rows(start, start + EVAL_CHUNK)
+            raw = self.model(part.inputs)
+            total, parts = self._loss_sums(raw, part.targets)
+            loss_sum += torch.stack([total, *parts]).double()
+            s = self._metric_stats(raw, part.targets)
             stats = s if stats is None else [a + c for a, c in zip(stats, s, strict=True)]
-        return loss_sum / data.n, self._finish(stats or [])
+        return [loss_sum, *stats]
+
+    def evaluate(self, data: Split) -> tuple[Tensor, list[Tensor]]:
+        """Loss per output (and total) and metric values on a whole split: one pass, no sync."""
+        loss_sum, *stats = self._eval_sums(data)
+        return loss_sum / data.n, self._finish(stats)
 
     def _logs(self, prefix: str, losses: list[float], metrics: list[float]) -> dict:
         logs = {f"{prefix}loss": losses[0]}
@@ -233,15 +258,18 @@ class Trainer:
             raise ValueError("fit: the training split has no rows")
         train = train.to(self.device)
         val = val.to(self.device) if val is not None and val.n > 0 else None
-        bs = self.cfg.batch_size
+        rank, world = self.dist.rank, self.dist.world
+        shard = distributed.shard(train.n, self.cfg.batch_size, rank, world, self.device)
+        val_part = val.rows(*distributed.block(val.n, rank, world)) if val is not None else None
         widths = {n.name: n.width for n in self.model.nodes}
-        buffers = EpochBuffers.allocate(train, bs, {k: widths[h.node] for k, h in self.model.heads.items()},
-                                        len(self.dense_names), next(self.model.parameters()).dtype)
+        outputs = {k: widths[h.node] for k, h in self.model.heads.items()}
+        buffers = EpochBuffers.allocate(train, shard, outputs, len(self.dense_names),
+                                        next(self.model.parameters()).dtype)
         for cb in self.callbacks:
             cb.on_train_begin(self)
         terminate_quietly = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
         last_good = self.weights_copy()
-        progress = make_progress(self.cfg.progress, self.epochs, self.log)
+        progress = make_progress(self.cfg.progress if self.dist.main else "quiet", self.epochs, self.log)
         for epoch in range(self.start_epoch, self.epochs):
             lr = self.base_lr
             for cb in self.callbacks:
@@ -249,9 +277,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            losses, stats, grad_norms, first_bad = self._train_epoch(train, buffers)
-            metrics = self._finish(stats)
-            val_losses, val_metrics = self.evaluate(val) if val is not None else (None, [])
+            torch.manual_seed(epoch_seed(self.seed, epoch, rank))
+            train_sums, grad_norms = self._train_epoch(train, buffers, shard)
+            val_sums = self._eval_sums(val_part) if val is not None else []
+            # The epoch's one collective: each rank's sums added up over the ranks (none in one process).
+            summed = distributed.all_reduce_sum(train_sums + val_sums)
+            (loss_sums, bad, *stats), val_summed = summed[:len(train_sums)], summed[len(train_sums):]
+            losses, metrics = loss_sums / train.n, self._finish(stats)
+            first_bad = torch.where(bad.any(), (bad > 0).int().argmax(), -1)  # argmax: the first bad step
+            val_losses, val_metrics = (None, [])
+            if val is not None:
+                val_losses, val_metrics = val_summed[0] / val.n, self._finish(val_summed[1:])
             # The epoch's one host sync: everything above stayed on the device.
             flat = torch.cat([losses, *[m.reshape(1).double() for m in metrics], grad_norms,
                               first_bad.reshape(1).double(),
@@ -280,8 +316,9 @@ class Trainer:
             logs.update({f"grad_norm/{n}": v for n, v in zip(self.dense_names, norms, strict=True)})
             self.history.append(epoch, logs)
             progress.epoch(epoch, logs)
+            decided = {key: v for key, v in logs.items() if key not in WALL_CLOCK}  # equal on every rank
             for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, logs)
+                cb.on_epoch_end(self, epoch, decided)
             last_good = self.weights_copy()
             done = self.stop or epoch + 1 == self.epochs
             due = (epoch + 1) % self.cfg.checkpoint_every == 0
