@@ -163,8 +163,9 @@ class Sweep:
         failed = [line for line in status.splitlines() if " Failed " in f" {line} "]
         self._dvc("queue", "stop", check=False)
         if failed:
-            raise RuntimeError("sweep trials failed:\n" + "\n".join(failed) +
-                               "\n(see `dvc queue logs <name>`)")
+            logs = [self._dvc("queue", "logs", line.split()[0], check=False).stdout[-2000:] for line in failed]
+            raise RuntimeError("sweep trials failed:\n" + "\n".join(failed) + "\n\nlast log lines:\n"
+                               + "\n---\n".join(logs))
 
     def _optuna(self, parent) -> None:
         import optuna

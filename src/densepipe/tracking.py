@@ -162,12 +162,18 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def _create_run(mlflow_cfg, name: str | None, tags: dict[str, str]) -> tuple[str, str, str]:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     uri = tracking_uri(mlflow_cfg)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(mlflow_cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        mlflow_cfg.experiment, artifact_location=_artifact_root(uri))
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(mlflow_cfg.experiment, artifact_location=_artifact_root(uri))
+        except MlflowException:  # created meanwhile by a parallel trial
+            exp_id = client.get_experiment_by_name(mlflow_cfg.experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name=name, tags=tags)
     return run.info.run_id, exp_id, uri
 
