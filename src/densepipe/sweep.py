@@ -143,7 +143,7 @@ class Sweep:
                 trials = SAMPLERS[self.spec.method](self.spec)
                 for i, trial in enumerate(trials):
                     self._dvc("exp", "run", "dvc.yaml", "--queue", "-n", self._exp_name(i), *self._set_args(trial, parent.run_id, i))
-                self._dvc("queue", "start", "-j", str(self.spec.jobs))
+                self._start_workers()
                 self._wait_for_queue()
             table = self.results(parent)
         except BaseException:
@@ -153,15 +153,32 @@ class Sweep:
         parent.finish()
         return table
 
-    def _wait_for_queue(self, poll: float = 2.0) -> None:
+    def _start_workers(self) -> None:
+        # The workers outlive `dvc queue start` and inherit its output: a captured pipe would
+        # stay open until they exit, so their output goes to a log file instead.
+        log = self.root / ".dvc" / "tmp" / "densepipe-queue-workers.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            code = subprocess.run(["dvc", "queue", "start", "-j", str(self.spec.jobs)], cwd=self.pipeline,
+                                  stdout=out, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise RuntimeError(f"dvc queue start failed; see {log}")
+
+    def _wait_for_queue(self, poll: float = 2.0, restarts: int = 3) -> None:
+        orphaned = 0  # consecutive polls with work left and no worker
         while True:
             status = self._dvc("queue", "status").stdout
             active = [line for line in status.splitlines() if " Queued " in f" {line} " or " Running " in f" {line} "]
             if not active:
                 break
+            orphaned = orphaned + 1 if "0 active, 0 idle" in status else 0
+            if orphaned >= 5 and restarts > 0:  # the workers are gone with work left: start new ones
+                restarts, orphaned = restarts - 1, 0
+                self._start_workers()
             time.sleep(poll)
         failed = [line for line in status.splitlines() if " Failed " in f" {line} "]
-        self._dvc("queue", "stop", check=False)
+        subprocess.run(["dvc", "queue", "stop"], cwd=self.pipeline, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         if failed:
             logs = [self._dvc("queue", "logs", line.split()[0], check=False).stdout[-2000:] for line in failed]
             raise RuntimeError("sweep trials failed:\n" + "\n".join(failed) + "\n\nlast log lines:\n"
