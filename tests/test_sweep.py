@@ -76,7 +76,7 @@ def test_sweep_spec_errors_and_samplers(tmp_path):
 
 
 def test_init_comparison_shows_the_symmetry_failure_of_zeros(tmp_path):
-    proj = _project_with(tmp_path, "init_comparison", epochs=4)
+    proj = _project_with(tmp_path, "init_comparison", epochs=3)
     run_cmd(["dvc", "repro", "pipelines/init_comparison/dvc.yaml"], cwd=proj, timeout=900)
     folder = proj / "pipelines" / "init_comparison"
     table = json.loads((folder / "metrics/comparison.json").read_text())
