@@ -105,6 +105,13 @@ class Trainer:
         torch.manual_seed(seed)  # dropout and noise layers draw from the global generator
         self.dense_names = list(model.dense_layers())
 
+    def _seed_global_rng(self, seed: int) -> None:
+        # Only the generator the model's dropout / noise layers draw from: torch.manual_seed
+        # would also queue seeds for every accelerator backend, at a cost each epoch.
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
     # ------------------------------------------------------------ callback services
     def request_stop(self, reason: str) -> None:
         self.stop, self.stop_reason = True, reason
@@ -277,7 +284,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            torch.manual_seed(epoch_seed(self.seed, epoch, rank))
+            self._seed_global_rng(epoch_seed(self.seed, epoch, rank))
             train_sums, grad_norms = self._train_epoch(train, buffers, shard)
             val_sums = self._eval_sums(val_part) if val is not None else []
             # The epoch's one collective: each rank's sums added up over the ranks (none in one process).
