@@ -59,6 +59,18 @@ torch.library.register_autograd(
 )
 
 
+def _dense_double_backward(ctx, *grads):
+    # The backward kernel has no derivative of its own: say so, instead of letting
+    # autograd treat it as a constant and return silently wrong second derivatives.
+    raise NotImplementedError("densepipe dense: double backward (create_graph=True through the fused "
+                              "layer, e.g. for a gradient penalty) is not supported")
+
+
+torch.library.register_autograd(
+    "densepipe::dense_backward", _dense_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None,
           activation: str = "linear", alpha: float = 0.0) -> Tensor:
     """y = act(x @ weight^T + bias) as one fused op; weight is (out, in) like nn.Linear."""

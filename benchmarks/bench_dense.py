@@ -1,0 +1,172 @@
+"""Fused dense + activation against eager PyTorch, side by side in one process.
+
+For every shape (M, K, N) and every fused activation:
+  forward (no grad)  ours: densepipe.ops.dense     eager: F.linear + the activation
+                     bounds: torch.mm (x @ W^T) and torch.addmm (b + x @ W^T)
+  forward+backward   grads for x, W and b, both sides through autograd
+                     bound: the three GEMMs any dense layer runs (x W^T, g W, g^T x)
+On CUDA (`--device cuda`) and with `--compile` on CPU, torch.compile of the eager
+version runs too. Calls are interleaved round by round, so a load change on a shared
+machine hits every side alike; each number is the median over the rounds.
+
+    python benchmarks/bench_dense.py                  # CPU, float32
+    python benchmarks/bench_dense.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from densepipe import ops
+from densepipe.nn.activations import ACTIVATIONS, FUSED
+
+SHAPES = [(256, 784, 512), (1024, 512, 512), (4096, 1024, 1024)]  # (M, K, N)
+FWD_GEMM_GOAL = 1.10  # fused forward / GEMM alone, at most
+FWD_EAGER_GOAL = 1.00  # fused forward / eager forward, at most
+FWDBWD_GOAL = 1.20  # eager / fused forward+backward, at least ...
+FWDBWD_GOAL_ACTS = ("gelu", "silu", "sigmoid", "tanh", "elu")  # ... for these activations
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s: float,
+                     min_rounds: int = 7, max_rounds: int = 60) -> dict[str, float]:
+    """Median seconds per call of each function; one call of each per round."""
+    sync = _sync(device)
+    for fn in fns.values():  # warm-up: allocator, MKL buffers, compiled graphs
+        for _ in range(3):
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def make_case(shape, activation: str, device: str, dtype: torch.dtype, compiled: bool):
+    m, k, n = shape
+    act = ACTIVATIONS[activation]
+    alpha = act.default_alpha
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)  # (M, K)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(device, dtype)  # (N, K)
+    b = torch.randn(n, generator=gen).to(device, dtype)  # (N,)
+    gy = torch.randn(m, n, generator=gen).to(device, dtype)  # (M, N)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+
+    def eager(x_, w_, b_):
+        return act.reference(F.linear(x_, w_, b_), alpha)
+
+    def fused(x_, w_, b_):
+        return ops.dense(x_, w_, b_, activation, alpha)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn(x, w, b)
+        return run
+
+    def fwd_bwd(fn):
+        def run():
+            return torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), gy)
+        return run
+
+    fwd = {"mm": no_grad(lambda x_, w_, b_: torch.mm(x_, w_.t())),
+           "addmm": no_grad(lambda x_, w_, b_: torch.addmm(b_, x_, w_.t())),
+           "fused": no_grad(fused), "eager": no_grad(eager)}
+    fb = {"fused": fwd_bwd(fused), "eager": fwd_bwd(eager)}
+    if compiled:
+        fwd["compiled"] = no_grad(torch.compile(eager, fullgraph=True))
+        fb["compiled"] = fwd_bwd(torch.compile(eager, fullgraph=True))
+    return fwd, fb
+
+
+def gemm3(shape, device: str, dtype: torch.dtype):
+    """The three GEMMs of a dense layer's forward and backward, nothing else."""
+    m, k, n = shape
+    x, w, g = (torch.randn(*s, device=device, dtype=dtype) for s in ((m, k), (n, k), (m, n)))
+
+    def run():
+        torch.mm(x, w.t())
+        torch.mm(g, w)
+        torch.mm(g.t(), x)
+    return run
+
+
+def flag(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the eager version "
+                        "(always on with --device cuda)")
+    parser.add_argument("--activations", nargs="*", default=list(FUSED), choices=list(FUSED))
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per case")
+    args = parser.parse_args()
+    device, dtype = args.device, DTYPES[args.dtype]
+    compiled = args.compile or device == "cuda"
+    goals = device == "cpu"
+
+    print(f"torch {torch.__version__}  device {device}  dtype {args.dtype}  "
+          f"threads {torch.get_num_threads()} (torch.get_num_threads, unchanged)  "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    if device == "cuda":
+        print(f"gpu {torch.cuda.get_device_name()}")
+    print(f"load average at start {os.getloadavg()[0]:.2f} (other work on this machine skews times)")
+    cols = ["M,K,N", "act", "fwd ours/mm", "ours/addmm", "ours/eager",
+            "fb eager/ours", "fb ours/3gemm", "eager/3gemm"]
+    if compiled:
+        cols += ["fwd ours/compiled", "fb compiled/ours"]
+    cols += ["goals"]
+    print("  ".join(f"{c:>13}" for c in cols))
+    misses = []
+    for shape in SHAPES:
+        bound = time_interleaved({"gemm3": gemm3(shape, device, dtype)}, device, args.budget)["gemm3"]
+        for activation in args.activations:
+            fwd_fns, fb_fns = make_case(shape, activation, device, dtype, compiled)
+            f = time_interleaved(fwd_fns, device, args.budget)
+            fb = time_interleaved(fb_fns, device, args.budget)
+            row = [f["fused"] / f["mm"], f["fused"] / f["addmm"], f["fused"] / f["eager"],
+                   fb["eager"] / fb["fused"], fb["fused"] / bound, fb["eager"] / bound]
+            if compiled:
+                row += [f["fused"] / f["compiled"], fb["compiled"] / fb["fused"]]
+            verdict = ""
+            if goals:
+                checks = {"fwd<=1.10gemm": row[0] <= FWD_GEMM_GOAL, "fwd<=eager": row[2] <= FWD_EAGER_GOAL}
+                if activation in FWDBWD_GOAL_ACTS:
+                    checks["fb>=1.2x"] = row[3] >= FWDBWD_GOAL
+                verdict = " ".join(f"{k}:{flag(v)}" for k, v in checks.items())
+                misses += [f"{shape} {activation} {k}" for k, v in checks.items() if not v]
+            label = ",".join(map(str, shape))
+            print(f"{label:>13}  {activation:>13}  " + "  ".join(f"{r:13.3f}" for r in row) + f"  {verdict}",
+                  flush=True)
+        print(f"{'':>13}  {'3 GEMMs':>13}  {bound * 1e3:.3f} ms; eager/3gemm is the most fwd+bwd fusion "
+              f"could gain at this shape")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    if goals:
+        print(f"goals missed: {len(misses)}" + "".join(f"\n  {m}" for m in misses))
+
+
+if __name__ == "__main__":
+    main()
