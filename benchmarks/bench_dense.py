@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile the eager version "
                         "(always on with --device cuda)")
     parser.add_argument("--activations", nargs="*", default=list(FUSED), choices=list(FUSED))
+    parser.add_argument("--shapes", nargs="*", type=int, default=None,
+                        help="indices into SHAPES to run (default: all)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per case")
     args = parser.parse_args()
     device, dtype = args.device, DTYPES[args.dtype]
@@ -141,7 +143,8 @@ def main() -> None:
     cols += ["goals"]
     print("  ".join(f"{c:>13}" for c in cols))
     misses = []
-    for shape in SHAPES:
+    shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
+    for shape in shapes:
         bound = time_interleaved({"gemm3": gemm3(shape, device, dtype)}, device, args.budget)["gemm3"]
         for activation in args.activations:
             fwd_fns, fb_fns = make_case(shape, activation, device, dtype, compiled)

@@ -42,14 +42,15 @@ void activation_forward(T* z, T* y, const T* bias, int64_t m, int64_t n, T alpha
   });
 }
 
-// g = grad_y * f'(s) for one row of n columns; adds g into acc when acc != nullptr.
+// g = grad_y * f'(s) for one row of n columns; writes g unless g is nullptr (no dx
+// or dW wanted) or grad_y itself; adds g into acc unless acc is nullptr (no db).
 template <Act A, typename T>
 inline void backward_row(const T* gy, const T* s, T* g, T* acc, int64_t n, Vec<T> alpha) {
   using V = Vec<T>;
   auto step = [&](int64_t j, int64_t count) {
     V gv = V::loadu(gy + j, count);
     if constexpr (A != Act::Linear) gv = gv * derivative<A, T>(V::loadu(s + j, count), alpha);
-    if (g != gy) gv.store(g + j, count);
+    if (g && g != gy) gv.store(g + j, count);
     if (acc) (V::loadu(acc + j, count) + gv).store(acc + j, count);
   };
   int64_t j = 0;
@@ -71,7 +72,7 @@ void activation_backward(const T* gy, const T* s, T* g, T* db, int64_t m, int64_
       const int64_t r0 = m * b / blocks, r1 = m * (b + 1) / blocks;
       T* acc = db ? part + b * n : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
-        backward_row<A, T>(gy + r * n, s ? s + r * n : nullptr, g + r * n, acc, n, Vec<T>(alpha));
+        backward_row<A, T>(gy + r * n, s + r * n, g ? g + r * n : nullptr, acc, n, Vec<T>(alpha));
       }
     }
   });
@@ -121,16 +122,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
   const DenseArgs a = check_dense_backward(grad_y, x, weight, saved, std::string(activation), alpha);
   const at::Tensor gy = grad_y.reshape({a.rows, a.out_feat}).contiguous();
   const at::Tensor s = a.act == Act::Linear ? gy : saved.reshape({a.rows, a.out_feat}).contiguous();
-  const bool want_db = output_mask[2];
-  at::Tensor g = a.act == Act::Linear ? gy : at::empty_like(gy);
+  const bool want_g = output_mask[0] || output_mask[1], want_db = output_mask[2];
+  // g = grad_y * f'(s) feeds both GEMMs; for a linear layer it is grad_y itself.
+  at::Tensor g = a.act == Act::Linear ? gy : want_g ? at::empty_like(gy) : at::Tensor();
   at::Tensor db = want_db ? at::empty({a.out_feat}, x.options()) : at::empty({0}, x.options());
-  if (a.act != Act::Linear || want_db) {
+  if ((a.act != Act::Linear && want_g) || want_db) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "densepipe_dense_backward", [&] {
       dispatch_activation(a.act, [&](auto tag) {
         activation_backward<decltype(tag)::value, scalar_t>(
             gy.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-            g.mutable_data_ptr<scalar_t>(), want_db ? db.mutable_data_ptr<scalar_t>() : nullptr,
-            a.rows, a.out_feat, static_cast<scalar_t>(alpha));
+            g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr,
+            want_db ? db.mutable_data_ptr<scalar_t>() : nullptr, a.rows, a.out_feat,
+            static_cast<scalar_t>(alpha));
       });
     });
   }

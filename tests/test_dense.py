@@ -49,6 +49,8 @@ SHAPES = [
     ((4097,), 9, 8, True),
     ((2, 33), 65, 9, True),  # 3-D input
     ((3, 1, 5), 8, 64, False),  # 4-D input
+    ((0,), 5, 3, True),  # empty batch
+    ((4,), 0, 3, True),  # no input features: y = act(bias)
 ]
 SHAPE_IDS = ["x".join(map(str, (*lead, k, n))) + ("-bias" if b else "") for lead, k, n, b in SHAPES]
 
@@ -72,7 +74,7 @@ def _inputs(device, dtype, lead, k, n, bias, x_layout="contiguous", seed=0):
         x = randn(*lead, 2 * k)[..., ::2]
     else:
         x = randn(*lead, k)
-    w = randn(n, k) / k**0.5  # (N, K): keeps z = x W^T + b of order 1
+    w = randn(n, k) / max(k, 1) ** 0.5  # (N, K): keeps z = x W^T + b of order 1
     b = randn(n) if bias else None  # (N,)
     return x, w, b
 
