@@ -230,6 +230,15 @@ def test_double_backward_is_refused():
         gx.sum().backward()
 
 
+def test_backward_gets_no_zero_filled_preact_grad():
+    # preact is not differentiable: autograd must not build a zero (M, N) gradient for it.
+    x, w, b = (t.requires_grad_() for t in _inputs("cpu", torch.float32, (64,), 8, 32, True))
+    with _RecordOps() as rec:
+        ops.dense(x, w, b, "gelu").sum().backward()
+    zeros = (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default)
+    assert [f for f, _ in rec.calls if f in zeros] == []
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend):
     torch.manual_seed(0)

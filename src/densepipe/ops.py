@@ -42,11 +42,16 @@ def _dense_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, preact if _needs_preact(activation) else y)
     ctx.activation, ctx.alpha, ctx.has_bias = activation, alpha, bias is not None
     ctx.mark_non_differentiable(preact)
+    # preact never gets a gradient; without this autograd would hand backward a
+    # zero-filled (M, N) tensor for it on every call.
+    ctx.set_materialize_grads(False)
 
 
 def _dense_backward(ctx, grad_y, _grad_preact):
     x, weight, saved = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_y is None:  # y did not reach the loss
+        return None, None, None, None, None
     dx, dw, db = _ops.dense_backward(
         grad_y, x, weight, saved, ctx.activation, ctx.alpha, [need_x, need_w, need_b and ctx.has_bias]
     )
