@@ -40,9 +40,12 @@ def _sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s: float,
-                     min_rounds: int = 7, max_rounds: int = 60) -> dict[str, float]:
-    """Median seconds per call of each function; one call of each per round."""
+STATS = {"median": statistics.median, "min": min}  # min: the least disturbed round on a busy machine
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s: float, stat: str = "median",
+                     min_rounds: int = 7, max_rounds: int = 200) -> dict[str, float]:
+    """Seconds per call of each function (median or min over rounds); one call of each per round."""
     sync = _sync(device)
     for fn in fns.values():  # warm-up: allocator, MKL buffers, compiled graphs
         for _ in range(3):
@@ -58,7 +61,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s
             sync()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: STATS[stat](s) for name, s in samples.items()}
 
 
 def make_case(shape, activation: str, device: str, dtype: torch.dtype, compiled: bool):
@@ -125,6 +128,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", type=int, default=None,
                         help="indices into SHAPES to run (default: all)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per case")
+    parser.add_argument("--stat", default="median", choices=sorted(STATS),
+                        help="statistic over rounds (min when other work shares the cores)")
     args = parser.parse_args()
     device, dtype = args.device, DTYPES[args.dtype]
     compiled = args.compile or device == "cuda"
@@ -132,7 +137,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}  device {device}  dtype {args.dtype}  "
           f"threads {torch.get_num_threads()} (torch.get_num_threads, unchanged)  "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}  statistic {args.stat} over rounds")
     if device == "cuda":
         print(f"gpu {torch.cuda.get_device_name()}")
     print(f"load average at start {os.getloadavg()[0]:.2f} (other work on this machine skews times)")
@@ -145,11 +150,12 @@ def main() -> None:
     misses = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     for shape in shapes:
-        bound = time_interleaved({"gemm3": gemm3(shape, device, dtype)}, device, args.budget)["gemm3"]
+        bound = time_interleaved({"gemm3": gemm3(shape, device, dtype)}, device, args.budget,
+                                 args.stat)["gemm3"]
         for activation in args.activations:
             fwd_fns, fb_fns = make_case(shape, activation, device, dtype, compiled)
-            f = time_interleaved(fwd_fns, device, args.budget)
-            fb = time_interleaved(fb_fns, device, args.budget)
+            f = time_interleaved(fwd_fns, device, args.budget, args.stat)
+            fb = time_interleaved(fb_fns, device, args.budget, args.stat)
             row = [f["fused"] / f["mm"], f["fused"] / f["addmm"], f["fused"] / f["eager"],
                    fb["eager"] / fb["fused"], fb["fused"] / bound, fb["eager"] / bound]
             if compiled:
