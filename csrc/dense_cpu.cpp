@@ -1,6 +1,6 @@
-// CPU kernels of the fused dense op: GEMM through ATen (MKL/OpenBLAS), then one
-// vectorized, parallel epilogue. Backward fuses act'(.) and the bias reduction
-// into a single pass over grad_y.
+// CPU kernels of the fused dense op: GEMM through ATen (oneDNN or BLAS, see
+// gemm_cpu.cpp), then one vectorized, parallel epilogue. Backward fuses act'(.) and
+// the bias reduction into a single pass over grad_y.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +9,7 @@
 
 #include "activation_cpu.h"
 #include "dense.h"
+#include "gemm_cpu.h"
 
 namespace densepipe::cpu {
 
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
   const at::Tensor x2 = x.reshape({a.rows, a.in_feat});
   // Bias goes into the epilogue, not addmm: addmm would first copy the broadcast bias
   // into the output and then run the GEMM with beta = 1, an extra pass over M x N.
-  at::Tensor z = at::mm(x2, weight.t());  // [M, N]
+  at::Tensor z = gemm(x2, weight.t());  // [M, N]
   const auto shape = dense_output_shape(x, a.out_feat);
   const bool keep_z = needs_preact(a.act);
   at::Tensor y = keep_z ? at::empty_like(z) : z;
@@ -137,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
       });
     });
   }
-  at::Tensor dx = output_mask[0] ? at::mm(g, weight).view(x.sizes()) : at::empty({0}, x.options());
-  at::Tensor dw = output_mask[1] ? at::mm(g.t(), x.reshape({a.rows, a.in_feat}))
+  at::Tensor dx = output_mask[0] ? gemm(g, weight).view(x.sizes()) : at::empty({0}, x.options());
+  at::Tensor dw = output_mask[1] ? gemm(g.t(), x.reshape({a.rows, a.in_feat}))
                                  : at::empty({0}, x.options());
   return {dx, dw, db};
 }
