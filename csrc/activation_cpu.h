@@ -51,7 +51,7 @@ inline Vec<T> derivative(Vec<T> s, Vec<T> alpha) {
   if constexpr (A == Act::Linear) {
     return one;
   } else if constexpr (A == Act::Relu) {
-    return Vec<T>::blendv(zero, one, s > zero);  // s = y; y > 0 exactly where z > 0
+    return Vec<T>::blendv(one, zero, s <= zero);  // s = y; y > 0 exactly where z > 0; NaN passes as torch
   } else if constexpr (A == Act::LeakyRelu) {
     return Vec<T>::blendv(alpha, one, s > zero);  // alpha >= 0 keeps sign(y) = sign(z)
   } else if constexpr (A == Act::Elu) {

@@ -50,17 +50,18 @@ inline VecF pow2(VecF n) {
 
 }  // namespace detail
 
-// e^x, <= 2 ulp; 0 below -103.9 and inf above 88.7 come out of the scaling.
+// e^x, <= 2 ulp for x in [-86.6, 88.7]. Below, where e^x < 2^-125, it flushes to 0;
+// above it saturates at FLT_MAX. The activations only take 1 / (1 + e^x), log1p(e^x)
+// or e^x next to O(1) terms, where both limits give the float result.
 inline VecF exp(VecF x) {
   constexpr float kPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,  // Cephes expf
                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-  x = at::vec::clamp(x, VecF(-104.0f), VecF(89.0f));  // NaN passes through
+  x = at::vec::clamp(x, VecF(-87.3365447f), VecF(88.7228391f));  // ln(FLT_MIN), ln(FLT_MAX); NaN passes
   VecF n;
   const VecF r = detail::reduce_ln2(x, n);
   const VecF p = at::vec::fmadd(detail::poly(r, kPoly), r * r, r + VecF(1.0f));
-  // 2^n as two factors: n spans [-150, 128], beyond one normal float exponent.
-  const VecF half = (n * VecF(0.5f)).floor();
-  return p * detail::pow2(half) * detail::pow2(n - half);
+  // n reaches 128, one past the largest float exponent: scale by 2^(n-1), then 2.
+  return (p + p) * detail::pow2(n - VecF(1.0f));
 }
 
 // e^x - 1 without cancellation near 0, <= 2 ulp on [-88, 88]; saturates outside
@@ -75,16 +76,19 @@ inline VecF expm1(VecF x) {
   return at::vec::fmadd(s, q, s - VecF(1.0f));                        // 2^n (e^r - 1) + 2^n - 1
 }
 
-// tanh as a rational function of x^2 on [-7.9, 7.9] (+-1 beyond), <= 6 ulp.
+// tanh as a rational function of x^2, <= 6 ulp. The rational reaches 1 near |x| = 9.1,
+// where float tanh does, and overshoots beyond: inputs are clamped to +-9.2 and the
+// result to [-1, 1], so the tails are exactly +-1 (gelu_tanh's derivative needs 1 - t^2
+// to be exactly 0 there).
 inline VecF tanh(VecF x) {
   constexpr float kNum[] = {-2.76076847742355e-16f, 2.00018790482477e-13f, -8.60467152213735e-11f,
                             5.12229709037114e-08f, 1.48572235717979e-05f, 6.37261928875436e-04f,
                             4.89352455891786e-03f};
   constexpr float kDen[] = {1.19825839466702e-06f, 1.18534705686654e-04f, 2.26843463243900e-03f,
                             4.89352518554385e-03f};
-  const VecF c = at::vec::clamp(x, VecF(-7.90531110763549805f), VecF(7.90531110763549805f));
+  const VecF c = at::vec::clamp(x, VecF(-9.2f), VecF(9.2f));
   const VecF c2 = c * c;
-  const VecF t = c * detail::poly(c2, kNum) / detail::poly(c2, kDen);
+  const VecF t = at::vec::clamp(c * detail::poly(c2, kNum) / detail::poly(c2, kDen), VecF(-1.0f), VecF(1.0f));
   return VecF::blendv(t, x, x.abs() < VecF(4e-4f));  // tanh(x) = x to float precision
 }
 

@@ -141,6 +141,24 @@ def test_random_shapes(device, dtype, m, k, n, bias, act, seed):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("activation,alpha", ACTS, ids=ACT_IDS)
+def test_extreme_preactivations(device, dtype, activation, alpha):
+    # Saturated tails, the overflow edges of exp (about +-88 in float32) and NaN.
+    z = [-1000.0, -100.0, -88.5, -87.0, -20.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 20.0, 87.0, 88.5, 100.0,
+         1000.0, float("nan")]
+    x = torch.tensor(z, device=device, dtype=dtype).unsqueeze(1).requires_grad_()  # (16, 1)
+    w = torch.ones(1, 1, device=device, dtype=dtype, requires_grad=True)  # z = x exactly
+    y = ops.dense(x, w, None, activation, alpha)
+    xr = x.detach().to(REF_DTYPE[dtype]).requires_grad_()
+    y_ref = ACTIVATIONS[activation].reference(xr, alpha)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.to(y_ref.dtype), y_ref, rtol=tol, atol=tol, equal_nan=True)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    (gx_ref,) = torch.autograd.grad(y_ref, xr, torch.ones_like(y_ref))
+    torch.testing.assert_close(gx.to(gx_ref.dtype), gx_ref, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_sum_backward_gets_expanded_grad(device, dtype):
     # y.sum() hands backward a grad_y of stride 0 everywhere.
     x, w, b = (t.requires_grad_() for t in _inputs(device, dtype, (20,), 12, 40, True))
