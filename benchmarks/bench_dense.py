@@ -121,7 +121,7 @@ def gemm3(shape, device: str, dtype: torch.dtype):
         ops.dense(x, w)  # x W^T
         ops.dense(g, w.t())  # g W
         ops.dense(g.t(), x.t())  # g^T x
-    return {"blas": blas, "own": own}
+    return {"blas3": blas, "own3": own}
 
 
 def flag(ok: bool) -> str:
@@ -138,15 +138,19 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", type=int, default=None,
                         help="indices into SHAPES to run (default: all)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per case")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: leave as it is)")
     parser.add_argument("--stat", default="median", choices=sorted(STATS),
                         help="statistic over rounds (min when other work shares the cores)")
     args = parser.parse_args()
     device, dtype = args.device, DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     compiled = args.compile or device == "cuda"
     goals = device == "cpu"
 
     print(f"torch {torch.__version__}  device {device}  dtype {args.dtype}  "
-          f"threads {torch.get_num_threads()} (torch.get_num_threads, unchanged)  "
+          f"threads {torch.get_num_threads()} ({'set by --threads' if args.threads else 'unchanged'})  "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}  statistic {args.stat} over rounds")
     if device == "cuda":
         print(f"gpu {torch.cuda.get_device_name()}")
@@ -160,14 +164,14 @@ def main() -> None:
     misses = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     for shape in shapes:
-        bound = time_interleaved(gemm3(shape, device, dtype), device, args.budget, args.stat)
+        bounds = gemm3(shape, device, dtype)
         for activation in args.activations:
             fwd_fns, fb_fns = make_case(shape, activation, device, dtype, compiled)
             f = time_interleaved(fwd_fns, device, args.budget, args.stat)
-            fb = time_interleaved(fb_fns, device, args.budget, args.stat)
+            fb = time_interleaved({**fb_fns, **bounds}, device, args.budget, args.stat)
             row = [f["fused"] / f["mm"], f["fused"] / f["addmm"], f["fused"] / f["own_gemm"],
-                   f["fused"] / f["eager"], fb["eager"] / fb["fused"], fb["fused"] / bound["own"],
-                   fb["eager"] / bound["blas"]]
+                   f["fused"] / f["eager"], fb["eager"] / fb["fused"], fb["fused"] / fb["own3"],
+                   fb["eager"] / fb["blas3"]]
             if compiled:
                 row += [f["fused"] / f["compiled"], fb["compiled"] / fb["fused"]]
             verdict = ""
@@ -181,8 +185,8 @@ def main() -> None:
             label = ",".join(map(str, shape))
             print(f"{label:>13}  {activation:>13}  " + "  ".join(f"{r:13.3f}" for r in row) + f"  {verdict}",
                   flush=True)
-        print(f"{'':>13}  {'3 GEMMs':>13}  BLAS {bound['blas'] * 1e3:.3f} ms, own {bound['own'] * 1e3:.3f} ms"
-              f" (BLAS/own {bound['blas'] / bound['own']:.2f}); eager/3mm is what fusion alone could gain")
+        print(f"{'':>13}  {'3 GEMMs':>13}  BLAS {fb['blas3'] * 1e3:.3f} ms, own {fb['own3'] * 1e3:.3f} ms"
+              f" (BLAS/own {fb['blas3'] / fb['own3']:.2f}); eager/3mm is what fusion alone could gain")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if goals:
         print(f"goals missed: {len(misses)}" + "".join(f"\n  {m}" for m in misses))
