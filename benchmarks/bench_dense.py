@@ -159,7 +159,7 @@ def main() -> None:
             "fb eager/ours", "ours/own3gemm", "eager/3mm"]
     if compiled:
         cols += ["fwd ours/compiled", "fb compiled/ours"]
-    cols += ["goals"]
+    cols += ["load", "goals"]  # load: 1-min load average after the case, above ~1 it is skewed
     print("  ".join(f"{c:>13}" for c in cols))
     misses = []
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
@@ -183,8 +183,8 @@ def main() -> None:
                 verdict = " ".join(f"{k}:{flag(v)}" for k, v in checks.items())
                 misses += [f"{shape} {activation} {k}" for k, v in checks.items() if not v]
             label = ",".join(map(str, shape))
-            print(f"{label:>13}  {activation:>13}  " + "  ".join(f"{r:13.3f}" for r in row) + f"  {verdict}",
-                  flush=True)
+            print(f"{label:>13}  {activation:>13}  " + "  ".join(f"{r:13.3f}" for r in row)
+                  + f"  {os.getloadavg()[0]:13.2f}  {verdict}", flush=True)
         print(f"{'':>13}  {'3 GEMMs':>13}  BLAS {fb['blas3'] * 1e3:.3f} ms, own {fb['own3'] * 1e3:.3f} ms"
               f" (BLAS/own {fb['blas3'] / fb['own3']:.2f}); eager/3mm is what fusion alone could gain")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
