@@ -19,6 +19,8 @@ machine hits every side alike; each number is the median (or --stat min) over ro
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
 import statistics
 import time
@@ -37,6 +39,16 @@ FWDBWD_GOAL = 1.20  # eager / fused forward+backward, at least ...
 FWDBWD_GOAL_ACTS = ("gelu", "silu", "sigmoid", "tanh", "elu")  # ... for these activations
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+
+
+def keep_freed_memory() -> None:
+    """Tells glibc's malloc to keep freed memory instead of returning it to the OS, so
+    that a fresh output tensor does not fault its pages in again (on a VM each fault
+    is expensive, and which side hits them depends on allocation order, not on code)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters from <malloc.h>
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_mmap_threshold, 1 << 30)
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -138,6 +150,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", type=int, default=None,
                         help="indices into SHAPES to run (default: all)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per case")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory (both sides): no page faults for new outputs")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: leave as it is)")
     parser.add_argument("--stat", default="median", choices=sorted(STATS),
@@ -146,12 +160,15 @@ def main() -> None:
     device, dtype = args.device, DTYPES[args.dtype]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     compiled = args.compile or device == "cuda"
     goals = device == "cpu"
 
     print(f"torch {torch.__version__}  device {device}  dtype {args.dtype}  "
           f"threads {torch.get_num_threads()} ({'set by --threads' if args.threads else 'unchanged'})  "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}  statistic {args.stat} over rounds")
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}  statistic {args.stat} over rounds"
+          f"{'  malloc keeps freed memory' if args.keep_freed_memory else ''}")
     if device == "cuda":
         print(f"gpu {torch.cuda.get_device_name()}")
     print(f"load average at start {os.getloadavg()[0]:.2f} (other work on this machine skews times)")
