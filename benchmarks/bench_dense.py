@@ -69,8 +69,11 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
+    names = list(fns)
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for name, fn in fns.items():
+        order = names[rounds % len(names):] + names[:rounds % len(names)]  # no side always runs first
+        for name in order:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             sync()
