@@ -49,7 +49,7 @@ SHAPES = [
     ((4097,), 9, 8, True),
     ((2, 33), 65, 9, True),  # 3-D input
     ((3, 1, 5), 8, 64, False),  # 4-D input
-    ((2, 64), 130, 129, True),  # M * K * N > 2^21: oneDNN's GEMM where it is used
+    ((2, 128), 130, 129, True),  # M * K * N > 2^21: oneDNN's GEMM where it is used
     ((0,), 5, 3, True),  # empty batch
     ((4,), 0, 3, True),  # no input features: y = act(bias)
 ]
@@ -120,7 +120,7 @@ def test_matches_torch(device, dtype, activation, alpha, lead, k, n, bias):
 @pytest.mark.parametrize("activation,alpha", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("x_layout,grad_layout", [("transposed", "contiguous"), ("sliced", "expand"),
                                                   ("contiguous", "expand")])
-@pytest.mark.parametrize("lead,k,n", [((3, 23), 17, 33), ((160,), 130, 129)], ids=["small", "large"])
+@pytest.mark.parametrize("lead,k,n", [((3, 23), 17, 33), ((320,), 130, 129)], ids=["small", "large"])
 def test_strided_inputs(device, dtype, activation, alpha, x_layout, grad_layout, lead, k, n):
     _check(device, dtype, activation, alpha, lead, k, n, True, x_layout, grad_layout)
 
@@ -129,7 +129,7 @@ def test_strided_inputs(device, dtype, activation, alpha, x_layout, grad_layout,
 def test_gemm_backend_switch(enabled):
     # Large float32 products may run on oneDNN; with it switched off they run on BLAS.
     with torch.backends.mkldnn.flags(enabled=enabled):
-        _check("cpu", torch.float32, "gelu", 0.0, (160,), 130, 129, True, "transposed")
+        _check("cpu", torch.float32, "gelu", 0.0, (320,), 130, 129, True, "transposed")
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
