@@ -18,10 +18,11 @@ void check_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
-void check_alpha(Act act, double alpha) {
+void check_alpha(Act act, const std::string& activation, double alpha) {
   if (act == Act::LeakyRelu || act == Act::Elu) {
     // The backward pass reads the derivative's branch off sign(y), which needs alpha >= 0.
-    TORCH_CHECK(alpha >= 0.0, "densepipe dense: alpha must be >= 0 for this activation, got ", alpha);
+    TORCH_CHECK(alpha >= 0.0, "densepipe dense: alpha must be >= 0 for activation '", activation,
+                "', got ", alpha);
   }
 }
 
@@ -38,7 +39,7 @@ DenseArgs check_dense_forward(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const std::string& activation,
                               double alpha) {
   const Act act = parse_activation(activation);
-  check_alpha(act, alpha);
+  check_alpha(act, activation, alpha);
   check_dtype(x, "x");
   check_same(weight, x, "weight");
   TORCH_CHECK(weight.dim() == 2, "densepipe dense: weight must be 2-D (out_features, in_features), got ",

@@ -1,6 +1,6 @@
-// CPU kernels of the fused dense op: GEMM through ATen (MKL/OpenBLAS), then one
-// vectorized, parallel epilogue. Backward fuses act'(.) and the bias reduction
-// into a single pass over grad_y.
+// CPU kernels of the fused dense op: GEMM through ATen (oneDNN or BLAS, see
+// gemm_cpu.cpp), then one vectorized, parallel epilogue. Backward fuses act'(.) and
+// the bias reduction into a single pass over grad_y.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +9,7 @@
 
 #include "activation_cpu.h"
 #include "dense.h"
+#include "gemm_cpu.h"
 
 namespace densepipe::cpu {
 
@@ -16,37 +17,46 @@ namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per task: big enough to amortize a thread wake-up
 
-// y[i] = f(z[i]) over n elements; y may alias z.
-template <Act A, typename T>
-void activation_forward(const T* z, T* y, int64_t n, T alpha) {
+int64_t rows_per_task(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)); }
+
+// One row of the forward epilogue: v = z + bias; y = f(v). z keeps v only when the
+// backward pass needs the pre-activation (then y is a separate buffer).
+template <Act A, bool HasBias, typename T>
+inline void forward_row(T* z, T* y, const T* bias, int64_t n, Vec<T> alpha) {
   using V = Vec<T>;
-  const V va(alpha);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + V::size() <= end; i += V::size()) forward<A, T>(V::loadu(z + i), va).store(y + i);
-    if (i < end) forward<A, T>(V::loadu(z + i, end - i), va).store(y + i, end - i);
+  auto step = [&](int64_t j, int64_t count) {
+    V v = V::loadu(z + j, count);
+    if constexpr (HasBias) v = v + V::loadu(bias + j, count);
+    if constexpr (HasBias && needs_preact(A)) v.store(z + j, count);
+    forward<A, T>(v, alpha).store(y + j, count);
+  };
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) step(j, V::size());
+  if (j < n) step(j, n - j);
+}
+
+// y[m, n] = f(z + bias) row by row, in parallel over row blocks; y may alias z.
+template <Act A, bool HasBias, typename T>
+void activation_forward(T* z, T* y, const T* bias, int64_t m, int64_t n, T alpha) {
+  at::parallel_for(0, m, rows_per_task(n), [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) forward_row<A, HasBias, T>(z + r * n, y + r * n, bias, n, Vec<T>(alpha));
   });
 }
 
-// g = grad_y * f'(s) for one row of n columns; adds g into acc when acc != nullptr.
+// g = grad_y * f'(s) for one row of n columns; writes g unless g is nullptr (no dx
+// or dW wanted) or grad_y itself; adds g into acc unless acc is nullptr (no db).
 template <Act A, typename T>
-inline void backward_row(const T* gy, const T* s, T* g, T* acc, int64_t n, T alpha) {
+inline void backward_row(const T* gy, const T* s, T* g, T* acc, int64_t n, Vec<T> alpha) {
   using V = Vec<T>;
-  const V va(alpha);
+  auto step = [&](int64_t j, int64_t count) {
+    V gv = V::loadu(gy + j, count);
+    if constexpr (A != Act::Linear) gv = gv * derivative<A, T>(V::loadu(s + j, count), alpha);
+    if (g && g != gy) gv.store(g + j, count);
+    if (acc) (V::loadu(acc + j, count) + gv).store(acc + j, count);
+  };
   int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    V gv = V::loadu(gy + j);
-    if constexpr (A != Act::Linear) gv = gv * derivative<A, T>(V::loadu(s + j), va);
-    if (g != gy) gv.store(g + j);
-    if (acc) (V::loadu(acc + j) + gv).store(acc + j);
-  }
-  if (j < n) {
-    const int64_t r = n - j;
-    V gv = V::loadu(gy + j, r);
-    if constexpr (A != Act::Linear) gv = gv * derivative<A, T>(V::loadu(s + j, r), va);
-    if (g != gy) gv.store(g + j, r);
-    if (acc) (V::loadu(acc + j, r) + gv).store(acc + j, r);
-  }
+  for (; j + V::size() <= n; j += V::size()) step(j, V::size());
+  if (j < n) step(j, n - j);
 }
 
 // g[M,N] = grad_y * f'(s), db[N] = sum over rows of g. Rows are split into one
@@ -54,16 +64,16 @@ inline void backward_row(const T* gy, const T* s, T* g, T* acc, int64_t n, T alp
 // reduction is deterministic for a given thread count and needs no atomics.
 template <Act A, typename T>
 void activation_backward(const T* gy, const T* s, T* g, T* db, int64_t m, int64_t n, T alpha) {
-  const int64_t rows_per_task = std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1));
   const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), (m + rows_per_task - 1) / rows_per_task));
+      1, std::min<int64_t>(at::get_num_threads(), (m + rows_per_task(n) - 1) / rows_per_task(n)));
   std::vector<T> partial(db ? blocks * n : 0, T(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  T* part = partial.data();
+  at::parallel_for(0, blocks, 1, [=](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = m * b / blocks, r1 = m * (b + 1) / blocks;
-      T* acc = db ? partial.data() + b * n : nullptr;
+      T* acc = db ? part + b * n : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
-        backward_row<A, T>(gy + r * n, s ? s + r * n : nullptr, g + r * n, acc, n, alpha);
+        backward_row<A, T>(gy + r * n, s + r * n, g ? g + r * n : nullptr, acc, n, Vec<T>(alpha));
       }
     }
   });
@@ -72,9 +82,22 @@ void activation_backward(const T* gy, const T* s, T* g, T* db, int64_t m, int64_
   for (int64_t j = 0; j < n; j += V::size()) {
     const int64_t w = std::min<int64_t>(V::size(), n - j);
     V sum(T(0));
-    for (int64_t b = 0; b < blocks; ++b) sum = sum + V::loadu(partial.data() + b * n + j, w);
+    for (int64_t b = 0; b < blocks; ++b) sum = sum + V::loadu(part + b * n + j, w);
     sum.store(db + j, w);
   }
+}
+
+// g lives only inside one backward call, so each thread keeps its buffer for the next
+// call: a fresh M x N allocation faults its pages in again whenever the C allocator
+// has handed the memory back to the OS, which on a VM costs as much as ~20% of the
+// two backward GEMMs (1024x512x512, one core). Holds the largest g seen per thread.
+at::Tensor scratch_like(const at::Tensor& t) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.scalar_type() != t.scalar_type() || buf.numel() < t.numel()) {
+    buf.reset();  // free the old buffer before taking the new one
+    buf = at::empty({t.numel()}, t.options());
+  }
+  return buf.narrow(0, 0, t.numel()).view(t.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -82,18 +105,28 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
                                                  c10::string_view activation, double alpha) {
   const DenseArgs a = check_dense_forward(x, weight, bias, std::string(activation), alpha);
   const at::Tensor x2 = x.reshape({a.rows, a.in_feat});
-  at::Tensor z = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  // Bias goes into the epilogue, not addmm: addmm would first copy the broadcast bias
+  // into the output and then run the GEMM with beta = 1, an extra pass over M x N.
+  at::Tensor z = gemm(x2, weight.t());  // [M, N]
   const auto shape = dense_output_shape(x, a.out_feat);
-  if (a.act == Act::Linear) return {z.view(shape), at::empty({0}, x.options())};
   const bool keep_z = needs_preact(a.act);
   at::Tensor y = keep_z ? at::empty_like(z) : z;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "densepipe_dense_forward", [&] {
-    dispatch_activation(a.act, [&](auto tag) {
-      activation_forward<decltype(tag)::value, scalar_t>(z.const_data_ptr<scalar_t>(),
-                                                         y.mutable_data_ptr<scalar_t>(), z.numel(),
-                                                         static_cast<scalar_t>(alpha));
+  if (a.act != Act::Linear || bias.has_value()) {
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "densepipe_dense_forward", [&] {
+      dispatch_activation(a.act, [&](auto tag) {
+        constexpr Act A = decltype(tag)::value;
+        scalar_t* zp = z.mutable_data_ptr<scalar_t>();
+        scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+        const auto al = static_cast<scalar_t>(alpha);
+        if (b.defined()) {
+          activation_forward<A, true, scalar_t>(zp, yp, b.const_data_ptr<scalar_t>(), a.rows, a.out_feat, al);
+        } else {
+          activation_forward<A, false, scalar_t>(zp, yp, nullptr, a.rows, a.out_feat, al);
+        }
+      });
     });
-  });
+  }
   return {y.view(shape), keep_z ? z.view(shape) : at::empty({0}, x.options())};
 }
 
@@ -103,21 +136,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
   const DenseArgs a = check_dense_backward(grad_y, x, weight, saved, std::string(activation), alpha);
   const at::Tensor gy = grad_y.reshape({a.rows, a.out_feat}).contiguous();
   const at::Tensor s = a.act == Act::Linear ? gy : saved.reshape({a.rows, a.out_feat}).contiguous();
-  const bool want_db = output_mask[2];
-  at::Tensor g = a.act == Act::Linear ? gy : at::empty_like(gy);
+  const bool want_g = output_mask[0] || output_mask[1], want_db = output_mask[2];
+  // g = grad_y * f'(s) feeds both GEMMs; for a linear layer it is grad_y itself.
+  at::Tensor g = a.act == Act::Linear ? gy : want_g ? scratch_like(gy) : at::Tensor();
   at::Tensor db = want_db ? at::empty({a.out_feat}, x.options()) : at::empty({0}, x.options());
-  if (a.act != Act::Linear || want_db) {
+  if ((a.act != Act::Linear && want_g) || want_db) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "densepipe_dense_backward", [&] {
       dispatch_activation(a.act, [&](auto tag) {
         activation_backward<decltype(tag)::value, scalar_t>(
             gy.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-            g.mutable_data_ptr<scalar_t>(), want_db ? db.mutable_data_ptr<scalar_t>() : nullptr,
-            a.rows, a.out_feat, static_cast<scalar_t>(alpha));
+            g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr,
+            want_db ? db.mutable_data_ptr<scalar_t>() : nullptr, a.rows, a.out_feat,
+            static_cast<scalar_t>(alpha));
       });
     });
   }
-  at::Tensor dx = output_mask[0] ? at::mm(g, weight).view(x.sizes()) : at::empty({0}, x.options());
-  at::Tensor dw = output_mask[1] ? at::mm(g.t(), x.reshape({a.rows, a.in_feat}))
+  at::Tensor dx = output_mask[0] ? gemm(g, weight).view(x.sizes()) : at::empty({0}, x.options());
+  at::Tensor dw = output_mask[1] ? gemm(g.t(), x.reshape({a.rows, a.in_feat}))
                                  : at::empty({0}, x.options());
   return {dx, dw, db};
 }

@@ -43,11 +43,16 @@ def _dense_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, preact if _needs_preact(activation) else y)
     ctx.activation, ctx.alpha, ctx.has_bias = activation, alpha, bias is not None
     ctx.mark_non_differentiable(preact)
+    # preact never gets a gradient; without this autograd would hand backward a
+    # zero-filled (M, N) tensor for it on every call.
+    ctx.set_materialize_grads(False)
 
 
 def _dense_backward(ctx, grad_y, _grad_preact):
     x, weight, saved = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_y is None:  # y did not reach the loss
+        return None, None, None, None, None
     dx, dw, db = _ops.dense_backward(
         grad_y, x, weight, saved, ctx.activation, ctx.alpha, [need_x, need_w, need_b and ctx.has_bias]
     )
@@ -57,6 +62,18 @@ def _dense_backward(ctx, grad_y, _grad_preact):
 
 torch.library.register_autograd(
     "densepipe::dense_forward", _dense_backward, setup_context=_dense_setup_context
+)
+
+
+def _dense_double_backward(ctx, *grads):
+    # The backward kernel has no derivative of its own: say so, instead of letting
+    # autograd treat it as a constant and return silently wrong second derivatives.
+    raise NotImplementedError("densepipe dense: double backward (create_graph=True through the fused "
+                              "layer, e.g. for a gradient penalty) is not supported")
+
+
+torch.library.register_autograd(
+    "densepipe::dense_backward", _dense_double_backward, setup_context=lambda ctx, inputs, output: None
 )
 
 
