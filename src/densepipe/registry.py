@@ -75,3 +75,6 @@ class Registry(Generic[T]):
 
     def items(self):
         return self._items.items()
+
+    def values(self):
+        return self._items.values()
