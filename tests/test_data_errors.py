@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from conftest import densepipe
 
 MODEL = {"layers": [{"type": "dense", "units": 8, "activation": "relu"},

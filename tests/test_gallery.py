@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_project, run_cmd
 
+from conftest import ROOT, make_project, run_cmd
 from densepipe.cli import main
 
 pytestmark = pytest.mark.slow

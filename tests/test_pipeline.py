@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+
 from conftest import densepipe, run_cmd
 
 pytestmark = pytest.mark.slow

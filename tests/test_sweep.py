@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT, make_project, run_cmd
 
+from conftest import ROOT, make_project, run_cmd
 from densepipe.config import ConfigError
 from densepipe.sweep import SweepSpec, grid_trials, load_spec, random_trials
 

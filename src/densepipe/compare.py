@@ -31,13 +31,13 @@ def figure(histories: dict[str, pd.DataFrame]):
         axes[0].plot(h["epoch"], h["loss"], label=name)
         if "val_loss" in h:
             axes[1].plot(h["epoch"], h["val_loss"], label=name)
-        for ax, col in zip(axes[2:], grad_cols):
+        for ax, col in zip(axes[2:], grad_cols, strict=True):
             if col in h:
                 # zeros are drawn at the floor so a dead layer stays visible on the log scale
                 ax.plot(h["epoch"], np.maximum(h[col], DEAD_GRADIENT), label=name)
     axes[0].set_title("training loss")
     axes[1].set_title("validation loss")
-    for ax, col in zip(axes[2:], grad_cols):
+    for ax, col in zip(axes[2:], grad_cols, strict=True):
         ax.set_title(f"gradient norm: {col.removeprefix('grad_norm/')}")
         ax.set_yscale("log")
     for ax in axes:

@@ -88,7 +88,7 @@ def _sample(value, rng: random.Random):
 @SAMPLERS.register("grid")
 def grid_trials(spec: SweepSpec) -> list[dict]:
     keys = list(spec.parameters)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.parameters[k] for k in keys))]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(spec.parameters[k] for k in keys))]
 
 
 @SAMPLERS.register("random")
@@ -142,7 +142,8 @@ class Sweep:
             else:
                 trials = SAMPLERS[self.spec.method](self.spec)
                 for i, trial in enumerate(trials):
-                    self._dvc("exp", "run", "dvc.yaml", "--queue", "-n", self._exp_name(i), *self._set_args(trial, parent.run_id, i))
+                    self._dvc("exp", "run", "dvc.yaml", "--queue", "-n", self._exp_name(i),
+                              *self._set_args(trial, parent.run_id, i))
                 self._start_workers()
                 self._wait_for_queue()
             table = self.results(parent)
@@ -234,7 +235,8 @@ class Sweep:
         write_text(out / "trials.csv", table.to_csv(index=False))
         write_text(out / "trials.md", _markdown(table))
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(table) + 1.5))
-        labels = [", ".join(f"{k.split('.')[-1]}={row[k]}" for k in self.spec.parameters) for _, row in table.iterrows()]
+        labels = [", ".join(f"{k.split('.')[-1]}={row[k]}" for k in self.spec.parameters)
+                  for _, row in table.iterrows()]
         ax.barh(range(len(table)), table[self.spec.metric], color="#4c72b0")
         ax.set_yticks(range(len(table)), labels, fontsize=7)
         ax.invert_yaxis()

@@ -125,7 +125,8 @@ def residuals(ctx):
     for name, t in _plot_tables(ctx, "residuals").items():
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         axes[0].scatter(t["actual"], t["predicted"], s=8, alpha=0.6)
-        lo, hi = float(min(t["actual"].min(), t["predicted"].min())), float(max(t["actual"].max(), t["predicted"].max()))
+        both = t[["actual", "predicted"]].to_numpy()
+        lo, hi = float(both.min()), float(both.max())
         axes[0].plot([lo, hi], [lo, hi], "--", color="grey")
         axes[0].set_xlabel("actual")
         axes[0].set_ylabel("predicted")
@@ -148,7 +149,7 @@ def weight_histograms(ctx):
     cols = min(4, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False)
-    for ax, (name, w) in zip(axes.flat, layers.items()):
+    for ax, (name, w) in zip(axes.flat, layers.items(), strict=False):
         values = w.reshape(-1)
         lo, hi = float(values.min()), float(values.max())
         if hi - lo < 1e-6 * max(1.0, abs(lo)):  # (near-)constant weights: one visible bar

@@ -76,5 +76,5 @@ def run(args) -> None:
     tracker.set_tags({"diagnostics": "; ".join(n for n, _ in flags) or "none"})
     tracker.finish()
     print(f"report: {out} ({len(figures)} figures, {len(flags)} warning(s))")
-    for name, msg in flags:
+    for _name, msg in flags:
         print(f"  ! {msg}")

@@ -22,8 +22,8 @@ def run(args) -> None:
     tasks = check_table(frame, targets, cfg.data.task)
     parts = split_frame(frame, targets, tasks, cfg.split, cfg.seed)
     out = Path(args.out)
-    for name, part in zip(SPLITS, parts):
+    for name, part in zip(SPLITS, parts, strict=True):
         write_with(out / f"{name}.parquet", lambda p, part=part: part.to_parquet(p, index=True))
     write_json(out / "meta.json", {"targets": targets, "tasks": tasks, "source": cfg.data.source})
-    sizes = ", ".join(f"{n} {len(p)}" for n, p in zip(SPLITS, parts))
+    sizes = ", ".join(f"{n} {len(p)}" for n, p in zip(SPLITS, parts, strict=True))
     print(f"split {cfg.data.source}: {len(frame)} rows -> {sizes}; targets {targets} ({tasks})")
