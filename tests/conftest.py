@@ -23,6 +23,16 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="CUDA device not available")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leak():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; unset, a later test's
+    subprocesses would log into this test's store instead of their own project's."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 def run_cmd(args, cwd, check=True, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Runs a command, returning its result; on an unexpected exit shows its output."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -351,7 +351,8 @@ def test_backward_checks_grad_shape():
 
 
 def test_layer_rejects_unknown_activation():
-    with pytest.raises(ValueError, match=r"unknown activation 'gleu'; did you mean 'gelu'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown activation 'gleu' \(did you mean 'gelu'\?\); allowed: .*\bgelu_tanh\b"):
         FusedDense(3, 2, activation="gleu")
 
 
