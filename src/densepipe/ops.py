@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -12,7 +14,9 @@ from densepipe.nn.activations import ACTIVATIONS
 _ops = torch.ops.densepipe
 
 
+@functools.cache
 def _needs_preact(activation: str) -> bool:
+    # Cached: asked twice per layer per training step, with a handful of distinct names.
     spec = ACTIVATIONS.get(activation)
     return spec is not None and spec.needs_preact
 

@@ -105,6 +105,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's zero_grad; set_to_none, the default, is a plain loop here (called
+        every training step, where torch's version adds a profiler range and dispatch checks)."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none=False)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     # ------------------------------------------------------------------ hooks
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError

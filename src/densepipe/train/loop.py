@@ -117,7 +117,9 @@ class Trainer:
         self.stop, self.stop_reason = True, reason
 
     def weights_copy(self) -> dict:
-        return copy.deepcopy(self.model.state_dict())
+        # Taken every epoch (the divergence guard's fallback): a tensor clone each, not a deepcopy.
+        return {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                for k, v in self.model.state_dict().items()}
 
     def load_weights(self, state: dict) -> None:
         self.model.load_state_dict(state)
