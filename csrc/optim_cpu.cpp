@@ -44,6 +44,7 @@ constexpr int64_t kMinShareBytes = 256 * 1024;  // per list and share: below thi
                                                 // saves (and stalls when cores are shared)
 constexpr int64_t kSharesPerThread = 8;         // enough for a busy thread's work to move,
                                                 // few enough to keep long sequential streams
+constexpr int64_t kPrefetchLines = 16;          // lines of the next tensor asked for ahead
 constexpr int64_t kNormBlockLines = 256;        // one partial sum of the norm; fixed, so the
                                                 // result does not depend on the thread count
 
@@ -85,6 +86,15 @@ struct Flat {
     }
   }
   int64_t lines() const { return first_line.back(); }
+  // Asks for the first lines of tensor t in every list while the one before it runs:
+  // each tensor starts a stream the hardware prefetcher has not seen yet, and with many
+  // small tensors those cold starts set the pace (about 10% of a 200-tensor step).
+  void prefetch_head(size_t t) const {
+    const int64_t head = std::min<int64_t>(numel[t], kPrefetchLines * kLineElems);
+    for (int k = 0; k < N; ++k) {
+      for (int64_t i = 0; i < head; i += kLineElems) __builtin_prefetch(ptr[t][k] + i, k != 1, 3);
+    }
+  }
 
   // fn(tensor, begin, end) for each tensor's element range inside lines [l0, l1).
   template <typename Fn>
@@ -130,6 +140,7 @@ void run_rule(const Lists& lists, const Rule& rule) {
   parallel_shares((flat.lines() + share_lines - 1) / share_lines, [&](int64_t share) {
     const int64_t l0 = share * share_lines;
     flat.for_each_piece(l0, std::min(flat.lines(), l0 + share_lines), [&](size_t t, int64_t begin, int64_t end) {
+      if (t + 1 < flat.ptr.size()) flat.prefetch_head(t + 1);
       std::array<T*, Rule::kLists> p = flat.ptr[t];
       for (auto& q : p) q += begin;
       run_piece<T>(rule, p, end - begin);
