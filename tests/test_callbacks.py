@@ -2,6 +2,7 @@
 training: early stopping, model checkpoints, learning-rate schedules against
 torch.optim.lr_scheduler, reduce-on-plateau, divergence and terminate_on_nan."""
 
+import copy
 import math
 import random
 import re
@@ -253,6 +254,26 @@ def diverging_trainer(extra=(), **kw):
                         **kw)
 
 
+def first_bad_batch_of_next_epoch(trainer, data, epoch: int) -> int:
+    """Steps a copy of a trainer's model through the next epoch batch by batch, in the
+    order its shuffle generator gives, and returns the first batch (1-based) whose loss
+    is not finite: what the divergence guard must name."""
+    model, gen = copy.deepcopy(trainer.model), copy.deepcopy(trainer.shuffle_gen)
+    lr = DIVERGING["lr"] * DIVERGING["callbacks"][0]["gamma"] ** epoch
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    order = torch.randperm(data.n, generator=gen)
+    for b, start in enumerate(range(0, data.n, 16), start=1):
+        idx = order[start:start + 16]
+        raw = model({k: v[idx] for k, v in data.inputs.items()})
+        total, _ = trainer._loss_sums(raw, {k: v[idx] for k, v in data.targets.items()})
+        if not torch.isfinite(total):
+            return b
+        opt.zero_grad()
+        (total / len(idx)).backward()
+        opt.step()
+    raise AssertionError("no non-finite loss in the next epoch")
+
+
 def test_divergence_raises_naming_epoch_and_batch_and_keeps_good_weights():
     trainer = diverging_trainer()
     with pytest.raises(DivergenceError) as err:
@@ -263,11 +284,11 @@ def test_divergence_raises_naming_epoch_and_batch_and_keeps_good_weights():
     epoch, batch = int(m.group(1)), int(m.group(2))
     good = len(trainer.history)
     assert epoch == good + 1 and good >= 1
-    assert 1 <= batch <= math.ceil(96 / 16)
     assert "learning rate" in msg and "clip" in msg
     # The weights are those after the last good epoch: an identical run stopped there.
     reference = make_trainer(DIVERGING["callbacks"], epochs=good, lr=DIVERGING["lr"])
     reference.fit(regression_data())
+    assert batch == first_bad_batch_of_next_epoch(reference, regression_data(), epoch=good)
     expected = reference.model.state_dict()
     for k, a in trainer.model.state_dict().items():
         assert torch.isfinite(a).all(), k
@@ -278,7 +299,11 @@ def test_terminate_on_nan_stops_quietly_with_good_weights():
     messages = []
     trainer = diverging_trainer([{"type": "terminate_on_nan"}], messages=messages)
     history = trainer.fit(regression_data())
-    assert 1 <= len(history) < DIVERGING["epochs"]
+    raising = diverging_trainer()
+    with pytest.raises(DivergenceError, match=r"epoch (\d+), batch (\d+)") as err:
+        raising.fit(regression_data())
+    assert len(history) == len(raising.history)       # stops at the same epoch, quietly
+    assert re.search(r"epoch \d+, batch \d+", str(err.value)).group(0) in trainer.stop_reason
     assert "diverged" in trainer.stop_reason and any("diverged" in m for m in messages)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert all(math.isfinite(v) for r in history.records for v in r.values())

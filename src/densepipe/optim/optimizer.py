@@ -10,6 +10,7 @@ call cannot serve them: different devices or dtypes, or different step counts
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -71,7 +72,7 @@ def advance_steps(steps: list[Tensor]) -> list[float]:
     return ops.advance_steps_(steps).tolist()
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(torch.optim.Optimizer, abc.ABC):
     """Subclasses define `_init_state(group, p)` (a fresh state dict with a "step"
     counter) and `_step(group, params, grads, states, step)`: one kernel call for a
     bucket whose parameters share device, dtype and step count."""
@@ -115,12 +116,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 p.grad = None
 
     # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """A fresh state dict for p, with its "step" counter."""
 
+    @abc.abstractmethod
     def _step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
               states: list[dict[str, Tensor]], step: Hashable) -> None:
-        raise NotImplementedError
+        """One fused kernel call updating params (one device, dtype and step count)."""
 
     def _prepare(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[dict], list[Hashable]]:
         """Creates missing state and advances step counters. Returns each parameter's

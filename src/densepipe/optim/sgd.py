@@ -29,6 +29,10 @@ class SGD(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
+    def _init_state(self, group, p):
+        # Filled by the kernel with the first gradient (torch's first-step rule).
+        return {"momentum_buffer": torch.empty_like(p, memory_format=torch.preserve_format)}
+
     def _prepare(self, group, params):
         # No step counter (as torch): the bucket key is whether the buffer is new.
         if group["momentum"] == 0:
@@ -36,8 +40,8 @@ class SGD(FusedOptimizer):
         states = [self.state[p] for p in params]
         first = ["momentum_buffer" not in s for s in states]
         for p, s, new in zip(params, states, first, strict=True):
-            if new:  # the kernel writes the first gradient into it
-                s["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            if new:
+                s.update(self._init_state(group, p))
         return states, first
 
     def _step(self, group, params, grads, states, first_step):

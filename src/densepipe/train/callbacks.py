@@ -9,6 +9,7 @@ a resume checkpoint can carry.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Literal
 
@@ -163,9 +164,10 @@ class TerminateOnNaN(Callback):
 
 
 # ------------------------------------------------------------------- lr schedules
-class _Schedule(Callback):
+class _Schedule(Callback, abc.ABC):
+    @abc.abstractmethod
     def lr_factor(self, epoch: int) -> float:
-        raise NotImplementedError
+        """The factor on the base learning rate for this epoch."""
 
 
 @register("step_decay", "step_lr", "step")
