@@ -81,6 +81,108 @@ torch.library.register_autograd(
 )
 
 
+# ------------------------------------------------------------------ chain of dense layers
+def _chain_shapes(x, weights) -> list[tuple[int, ...]]:
+    return [(*x.shape[:-1], w.shape[0]) for w in weights]
+
+
+@torch.library.register_fake("densepipe::dense_chain_forward")
+def _dense_chain_forward_fake(x, weights, biases, activations, alphas):
+    torch._check(len(weights) > 0, lambda: "densepipe dense_chain_forward: weights is empty")
+    shapes = _chain_shapes(x, weights)
+    hidden = [x.new_empty(s) for s in shapes[:-1]]
+    preacts = [x.new_empty(s) if _needs_preact(a) else x.new_empty(0) for s, a in zip(shapes, activations, strict=True)]
+    return x.new_empty(shapes[-1]), hidden, preacts
+
+
+@torch.library.register_fake("densepipe::dense_chain_backward")
+def _dense_chain_backward_fake(grad_y, x, hidden, y, weights, preacts, activations, alphas, need_dweight,
+                               need_dbias, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    dws = [x.new_empty(w.shape) if need else x.new_empty(0) for w, need in zip(weights, need_dweight, strict=True)]
+    dbs = [x.new_empty(w.shape[0]) if need else x.new_empty(0) for w, need in zip(weights, need_dbias, strict=True)]
+    return dx, dws, dbs
+
+
+def _chain_save(ctx, x, weights, biases, activations, alphas, output) -> None:
+    y, hidden, preacts = output
+    ctx.save_for_backward(x, y, *hidden, *weights, *preacts)
+    ctx.n, ctx.activations, ctx.alphas = len(weights), list(activations), list(alphas)
+    ctx.has_bias = [b.numel() > 0 for b in biases]  # an empty bias stands for none
+    ctx.mark_non_differentiable(*hidden, *preacts)
+    ctx.set_materialize_grads(False)  # only y's gradient is ever used
+
+
+def _chain_grads(ctx, grad_y, need_x: bool, need_w, need_b):
+    """(dx, [dweight], [dbias]) of a chain, None where not needed."""
+    n = ctx.n
+    if grad_y is None:  # y did not reach the loss
+        return None, [None] * n, [None] * n
+    saved = ctx.saved_tensors
+    x, y, hidden = saved[0], saved[1], list(saved[2:n + 1])
+    weights, preacts = list(saved[n + 1:2 * n + 1]), list(saved[2 * n + 1:])
+    need_w, need_b = list(need_w), [nb and hb for nb, hb in zip(need_b, ctx.has_bias, strict=True)]
+    args = (grad_y, x, hidden, y, weights, preacts, ctx.activations, ctx.alphas, need_w, need_b, need_x)
+    if torch.is_grad_enabled():  # create_graph=True: through the op, whose double backward refuses
+        dx, dws, dbs = _ops.dense_chain_backward(*args)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel: no autograd glue per step
+            dx, dws, dbs = _ops.dense_chain_backward(*args)
+    return (dx if need_x else None, [g if w else None for g, w in zip(dws, need_w, strict=True)],
+            [g if b else None for g, b in zip(dbs, need_b, strict=True)])
+
+
+def _dense_chain_setup_context(ctx, inputs, output):
+    _chain_save(ctx, *inputs, output)
+
+
+def _dense_chain_backward(ctx, grad_y, _grad_hidden, _grad_preacts):
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (*_chain_grads(ctx, grad_y, need_x, need_w, need_b), None, None)
+
+
+# For the op called directly (torch.ops.densepipe.dense_chain_forward): correct, but its list
+# arguments cost a pytree round trip per call; dense_chain() below takes the short way.
+torch.library.register_autograd(
+    "densepipe::dense_chain_forward", _dense_chain_backward, setup_context=_dense_chain_setup_context
+)
+torch.library.register_autograd(
+    "densepipe::dense_chain_backward", _dense_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
+class _DenseChain(torch.autograd.Function):
+    """dense_chain_forward with its tensors as flat arguments (x, *weights, *biases): one
+    autograd node per chain without the list packing of the generic registration."""
+
+    @staticmethod
+    def forward(ctx, x, activations, alphas, *params):
+        n = len(activations)
+        weights, biases = list(params[:n]), list(params[n:])
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _ops.dense_chain_forward(x, weights, biases, activations, alphas)
+        _chain_save(ctx, x, weights, biases, activations, alphas, out)
+        y, hidden, preacts = out
+        return (y, *hidden, *preacts)
+
+    @staticmethod
+    def backward(ctx, grad_y, *_not_differentiable):
+        n, need = ctx.n, ctx.needs_input_grad  # need: x, activations, alphas, *weights, *biases
+        dx, dws, dbs = _chain_grads(ctx, grad_y, need[0], need[3:3 + n], need[3 + n:])
+        return (dx, None, None, *dws, *dbs)
+
+
+def dense_chain(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], activations: list[str],
+                alphas: list[float]) -> Tensor:
+    """Fused dense layers applied in turn (layer i's output is layer i+1's input) as one op:
+    the same result as dense() per layer, with one autograd node for the whole chain."""
+    empty = x.new_empty(0)
+    biases, alphas = [empty if b is None else b for b in biases], [float(a) for a in alphas]
+    if torch.compiler.is_compiling():  # traced: the registered op, which the compilers know how to handle
+        return _ops.dense_chain_forward(x, weights, biases, activations, alphas)[0]
+    return _DenseChain.apply(x, list(activations), alphas, *weights, *biases)[0]
+
+
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None,
           activation: str = "linear", alpha: float = 0.0) -> Tensor:
     """y = act(x @ weight^T + bias) as one fused op; weight is (out, in) like nn.Linear."""

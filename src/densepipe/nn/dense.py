@@ -15,6 +15,8 @@ class FusedDense(nn.Module):
     """y = act(x @ W^T + b). `weight` (out, in) and `bias` (out,) have nn.Linear's layout
     and names, so a state_dict moves between the two unchanged."""
 
+    runs_fused_kernel = True  # the plain-torch twin (kernels: reference) says False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str | None = "linear", alpha: float | None = None,
                  device=None, dtype=None):
@@ -39,6 +41,23 @@ class FusedDense(nn.Module):
             return ops.dense(x, self.weight, self.bias, self.act.name, self.alpha)
         return self.act.reference(ops.dense(x, self.weight, self.bias), self.alpha)
 
+    @property
+    def chains(self) -> bool:
+        """Whether this kind of layer can run inside one dense_chain op with its neighbours:
+        the fused kernel with an activation it computes itself."""
+        return self.runs_fused_kernel and self.act.fused
+
+    def chainable(self) -> bool:
+        """Whether run_chain may run it now: it chains, and no hook watches its own call."""
+        return self.chains and not (self._forward_hooks or self._forward_pre_hooks)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activation={self.act.name}")
+
+
+def run_chain(layers: list[FusedDense], x: Tensor) -> Tensor:
+    """Chainable layers applied in turn as one dense_chain op (one autograd node): the
+    result of calling them one by one, at a fraction of the per-layer overhead."""
+    return ops.dense_chain(x, [m.weight for m in layers], [m.bias for m in layers],
+                           [m.act.name for m in layers], [m.alpha for m in layers])

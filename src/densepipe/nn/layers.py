@@ -35,6 +35,8 @@ class ReferenceDense(FusedDense):
     """nn.Linear + activation in plain torch: the `kernels: reference` twin of FusedDense,
     with the same parameters (names and layout), so weights move between the two."""
 
+    runs_fused_kernel = False
+
     def forward(self, x: Tensor) -> Tensor:
         return self.act.reference(F.linear(x, self.weight, self.bias), self.alpha)
 

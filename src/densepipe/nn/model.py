@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from densepipe.nn.activations import resolve
+from densepipe.nn.dense import FusedDense, run_chain
 from densepipe.nn.layers import LAYERS, BuildContext
 from densepipe.nn.losses import LOSSES
 
@@ -70,12 +71,18 @@ class DenseModel(nn.Module):
         self.nodes, self.heads, self.input_widths = nodes, heads, input_widths
         self.layers = nn.ModuleDict(modules)
         self._outputs = {h.node for h in heads.values()}
+        self._runs = _runs(nodes, modules, self._outputs)
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw outputs (before head activations), keyed by output name."""
         env = dict(inputs)
-        for node in self.nodes:
-            env[node.name] = self.layers[node.name](*(env[i] for i in node.inputs))
+        for run in self._runs:
+            layers = [self.layers[node.name] for node in run]
+            if len(run) > 1 and all(m.chainable() for m in layers):
+                env[run[-1].name] = run_chain(layers, env[run[0].inputs[0]])
+                continue
+            for node, layer in zip(run, layers, strict=True):
+                env[node.name] = layer(*(env[i] for i in node.inputs))
         return {name: env[h.node] for name, h in self.heads.items()}
 
     @torch.no_grad()
@@ -106,6 +113,28 @@ class DenseModel(nn.Module):
             rows.append({"layer": node.name, "type": node.kind, "inputs": ", ".join(node.inputs),
                          "output_shape": f"(None, {node.width})", "params": params})
         return rows
+
+
+def _runs(nodes: list[Node], modules: dict[str, nn.Module], outputs: set[str]) -> list[list[Node]]:
+    """The nodes in order, grouped into runs: a run of several is a chain of fused dense
+    layers in which each layer's only reader is the next one, so the whole run can execute
+    as one dense_chain op (its inner outputs are never needed on their own)."""
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for i in node.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    runs: list[list[Node]] = []
+    for node in nodes:
+        prev = runs[-1][-1] if runs else None
+        extends = (prev is not None and node.inputs == [prev.name] and readers.get(prev.name) == 1
+                   and prev.name not in outputs
+                   and all(isinstance(modules[n.name], FusedDense) and modules[n.name].chains
+                           for n in (prev, node)))
+        if extends:
+            runs[-1].append(node)
+        else:
+            runs.append([node])
+    return runs
 
 
 def _resolve_outputs(model_cfg, train_cfg, spec: DataSpec, last: str) -> dict[str, dict]:
