@@ -51,6 +51,9 @@ LR = 1e-3             # Adam learning rate
 TORCH_GOAL = 1.5      # densepipe / plain torch loop samples/s, at least
 SKLEARN_GOAL = 3.0    # densepipe / MLPClassifier samples/s, at least
 ACCURACY_POINTS = 0.5  # densepipe's test accuracy at most this many points below a peer's
+# Pause before each timed run: OpenMP and OpenBLAS workers spin for a while after their last
+# task, and with as many threads as cores they would steal cycles from the next side.
+IDLE = 0.5  # seconds
 
 
 # ------------------------------------------------------------------------- data
@@ -158,6 +161,7 @@ def bench(name: str, rows: int, epochs: int, rounds: int) -> dict:
     accs: dict[str, list[float]] = {k: [] for k in RUNNERS}
     for r in range(rounds):
         for side, run in RUNNERS.items():
+            time.sleep(IDLE)
             seconds, acc = run(Xtr, ytr, Xte, yte, epochs, seed=r)
             times[side].append(seconds)
             accs[side].append(acc)

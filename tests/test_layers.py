@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from densepipe import cli, config
-from densepipe.nn.activations import ACTIVATIONS
+from densepipe.nn.activations import ACTIVATIONS, softmax_rows
 from densepipe.nn.dense import FusedDense
 from densepipe.nn.layers import ReferenceDense
 from densepipe.nn.model import DataSpec, TargetSpec, build_model
@@ -133,6 +133,20 @@ def test_activation_layer(name, alpha, reference):
                    {"type": "dense", "units": "auto"}])
     z = torch.randn(10, 6)
     torch.testing.assert_close(model.layers["activation_2"](z), reference(z))
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", [(7, 1), (128, 10), (5, 15), (33, 16), (9, 40), (2, 3, 10), (0, 4)])
+def test_softmax_rows_is_torch_softmax_on_every_width(shape, log):
+    # Narrow rows take a transposed path (see softmax_rows); values and gradients must not change.
+    z = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    ours = softmax_rows(z, log=log)
+    theirs = (torch.log_softmax if log else torch.softmax)(z, -1)
+    assert ours.shape == theirs.shape and ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    g = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.autograd.grad(ours, z, g)[0], torch.autograd.grad(theirs, z, g)[0],
+                               rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------- gaussian noise

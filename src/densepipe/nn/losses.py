@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densepipe.nn.activations import softmax_rows
 from densepipe.registry import Registry
 
 LOSSES: Registry[Callable[..., Tensor]] = Registry("loss")
@@ -32,7 +33,7 @@ def _probs(raw: Tensor, head: str) -> Tensor:
     if head == "sigmoid":
         return torch.sigmoid(raw)
     if head == "softmax":
-        return torch.softmax(raw, dim=-1)
+        return softmax_rows(raw)
     return raw
 
 
@@ -80,7 +81,7 @@ def binary_crossentropy(raw, target, head="sigmoid", from_logits="auto", label_s
 
 def _log_probs(raw: Tensor, head: str, from_logits) -> Tensor:
     if _uses_logits(head, from_logits):
-        return torch.log_softmax(raw, dim=-1)
+        return softmax_rows(raw, log=True)
     p = _probs(raw, head)
     return torch.log((p / p.sum(dim=-1, keepdim=True)).clamp_min(_EPS))
 

@@ -1,5 +1,5 @@
 """The training loop: mini-batches from tensors already on the device, one
-permutation per epoch, one host sync per epoch, reused batch buffers.
+permutation per epoch, one host sync per epoch, a reused batch buffer.
 
 Diverging training (a non-finite loss) is noticed at the epoch's sync: the
 first bad batch is tracked on the device, the weights of the last good epoch are
@@ -55,24 +55,11 @@ class Split:
                      {k: v[start:stop] for k, v in self.targets.items()})
 
 
-@dataclass
-class EpochBuffers:
-    """Allocated once per fit and reused by every epoch's batches (this rank's rows only)."""
-    inputs: dict[str, Tensor]   # input name -> (largest step, features): the gathered batch
-    outputs: dict[str, Tensor]  # output name -> (rows, width): raw outputs in step order, for metrics
-    batch_log: Tensor           # (steps, 2 + outputs): objective, loss sums (total, each output)
-    norm_log: Tensor            # (steps, dense layers): each dense kernel's gradient norm
-
-    @classmethod
-    def allocate(cls, data: Split, shard: distributed.Shard, outputs: dict[str, int], dense: int,
-                 dtype) -> EpochBuffers:
-        dev, steps, rows = next(iter(data.inputs.values())).device, len(shard.bounds), shard.positions.numel()
-        widest = max(hi - lo for lo, hi in shard.bounds)
-        return cls({k: torch.empty((widest, *v.shape[1:]), dtype=v.dtype, device=dev)
-                    for k, v in data.inputs.items()},
-                   {k: torch.empty((rows, w), dtype=dtype, device=dev) for k, w in outputs.items()},
-                   torch.empty((steps, 2 + len(outputs)), dtype=dtype, device=dev),
-                   torch.empty((steps, dense), dtype=dtype, device=dev))
+def batch_buffers(data: Split, shard: distributed.Shard) -> dict[str, Tensor]:
+    """Input name -> (largest step, features): allocated once per fit, every step gathers its
+    rows into it (this rank's rows only)."""
+    widest = max(hi - lo for lo, hi in shard.bounds)
+    return {k: v.new_empty((widest, *v.shape[1:])) for k, v in data.inputs.items()}
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -185,17 +172,19 @@ class Trainer:
         return (torch.randperm(n, generator=self.shuffle_gen, device=self.device) if self.cfg.shuffle
                 else torch.arange(n, device=self.device))
 
-    def _train_epoch(self, data: Split, buf: EpochBuffers, shard: distributed.Shard):
-        """One pass over this rank's share of `data`. Per step it only copies its outputs, loss sums
-        and gradient norms into `buf`; the epoch's sums are formed at the end, still on the device.
-        Returns [loss sums (total, each output), bad-step flags, *metric statistics] and gradient norms."""
+    def _train_epoch(self, data: Split, batch: dict[str, Tensor], shard: distributed.Shard):
+        """One pass over this rank's share of `data`. Per step it only keeps what it logs (loss sums,
+        gradient norms, the raw outputs) as device tensors; the epoch's sums are formed at the end,
+        still on the device. Returns [loss sums (total, each output), bad-step flags, *metric
+        statistics] and gradient norms."""
         self.net.train()
         dense = [self.model.layers[n].weight for n in self.dense_names]
         order = self._permutation(data.n).index_select(0, shard.positions)  # (rows,) this rank's, by step
-        for s, ((lo, hi), rows) in enumerate(zip(shard.bounds, shard.step_rows, strict=True)):
+        logged: list[Tensor] = []  # per step: (objective, loss sums (total, each output), grad norms)
+        outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
+        for (lo, hi), rows in zip(shard.bounds, shard.step_rows, strict=True):
             idx = order[lo:hi]
-            xb = {k: torch.index_select(v, 0, idx, out=buf.inputs[k][:hi - lo])
-                  for k, v in data.inputs.items()}
+            xb = {k: torch.index_select(v, 0, idx, out=batch[k][:hi - lo]) for k, v in data.inputs.items()}
             yb = {k: v.index_select(0, idx) for k, v in data.targets.items()}
             raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
             total, parts = self._loss_sums(raw, yb)
@@ -207,18 +196,20 @@ class Trainer:
             objective.backward()  # returns after DDP's gradient all-reduce
             self._clip()
             self.optimizer.step()
+            # Kept, not copied into epoch buffers: one stack per step, one cat per epoch is cheaper.
             with torch.no_grad():
-                torch.stack([objective, total, *parts], out=buf.batch_log[s])
-                for name, r in raw.items():
-                    buf.outputs[name][lo:hi].copy_(r.flatten(1))
-                if dense:
-                    torch.stack(torch._foreach_norm([w.grad for w in dense]), out=buf.norm_log[s])
+                norms = torch._foreach_norm([w.grad for w in dense]) if dense else []
+                logged.append(torch.stack([objective, total, *parts, *norms]))
+            for name, r in raw.items():
+                outputs[name].append(r.detach().flatten(1))
+        log = torch.stack(logged)                                  # (steps, 2 + outputs + dense layers)
         # Each step's outputs came from the weights before its update, as Keras' running metrics.
         targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
-        stats = self._metric_stats(buf.outputs, targets)
-        loss_sums = buf.batch_log[:, 1:].double().sum(0)               # (1 + outputs,)
-        bad = (~torch.isfinite(buf.batch_log[:, 0])).double()          # (steps,) 1 where non-finite
-        grad_norms = (buf.norm_log.double() ** 2).mean(0).sqrt()       # RMS over steps; equal on all ranks
+        stats = self._metric_stats({k: torch.cat(v) for k, v in outputs.items()}, targets)
+        heads = 1 + len(self.model.heads)
+        loss_sums = log[:, 1:1 + heads].double().sum(0)           # (1 + outputs,)
+        bad = (~torch.isfinite(log[:, 0])).double()                # (steps,) 1 where non-finite
+        grad_norms = (log[:, 1 + heads:].double() ** 2).mean(0).sqrt()  # RMS over steps; equal on all ranks
         return [loss_sums, bad, *stats], grad_norms
 
     def _clip(self) -> None:
@@ -270,10 +261,7 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world
         shard = distributed.shard(train.n, self.cfg.batch_size, rank, world, self.device)
         val_part = val.rows(*distributed.block(val.n, rank, world)) if val is not None else None
-        widths = {n.name: n.width for n in self.model.nodes}
-        outputs = {k: widths[h.node] for k, h in self.model.heads.items()}
-        buffers = EpochBuffers.allocate(train, shard, outputs, len(self.dense_names),
-                                        next(self.model.parameters()).dtype)
+        batch = batch_buffers(train, shard)
         for cb in self.callbacks:
             cb.on_train_begin(self)
         terminate_quietly = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
@@ -287,7 +275,7 @@ class Trainer:
                 group["lr"] = lr
             t0 = time.perf_counter()
             self._seed_global_rng(epoch_seed(self.seed, epoch, rank))
-            train_sums, grad_norms = self._train_epoch(train, buffers, shard)
+            train_sums, grad_norms = self._train_epoch(train, batch, shard)
             val_sums = self._eval_sums(val_part) if val is not None else []
             # The epoch's one collective: each rank's sums added up over the ranks (none in one process).
             summed = distributed.all_reduce_sum(train_sums + val_sums)
