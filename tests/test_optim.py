@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import densepipe.optim as dopt
 from optim_probe import TOL, Probe, assert_same, train
@@ -136,6 +137,35 @@ def test_lr_schedulers_drive_ours_as_torch(name, sched):
     train(mo, oo, STEPS, so)
     assert st.get_last_lr() == so.get_last_lr()
     assert_same(mt, ot, mo, oo, TOL[torch.float32])
+
+
+def test_step_hooks_and_profiler_range_as_torch():
+    # step() skips torch's profiler range while nothing watches; hooks and profiling must not notice.
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = dopt.Adam([p], lr=0.1)
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt)))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt)))
+    glob = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global", True)))
+    swap = pre
+    try:
+        p.grad = torch.ones(3)
+        opt.step()
+        assert calls == [("global", True), ("pre", True), ("post", True)]
+        # A pre hook may swap the arguments, as torch documents: here it supplies a closure.
+        pre.remove()
+        swap = opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: torch.tensor(7.0)}))
+        assert opt.step() == torch.tensor(7.0)
+    finally:
+        for handle in (pre, post, glob, swap):
+            handle.remove()
+    with torch.profiler.profile() as prof:
+        p.grad = torch.ones(3)
+        opt.step()
+    assert "Optimizer.step#Adam.step" in {e.key for e in prof.key_averages()}
+    before = p.detach().clone()
+    p.grad = torch.ones(3)
+    assert opt.step() is None and not torch.equal(p, before)  # unwatched: still steps
 
 
 def grouped(model: Probe, name: str) -> list[dict]:

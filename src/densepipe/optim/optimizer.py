@@ -11,13 +11,13 @@ call cannot serve them: different devices or dtypes, or different step counts
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _get_scalar_dtype
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+from torch.optim.optimizer import _get_scalar_dtype, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from densepipe.optim._ops import ops
 
@@ -70,6 +70,27 @@ def state_like(p: Tensor, fill: float = 0.0) -> Tensor:
 def advance_steps(steps: list[Tensor]) -> list[float]:
     """Adds one to every step counter; returns the new counts as host floats."""
     return ops.advance_steps_(steps).tolist()
+
+
+def _observed_only_when_watched(step: Callable) -> Callable:
+    """torch.optim wraps every step() in profile_hook_step: a profiler range around the step
+    hooks and the step. Opening that range costs about as much as a small model's whole update
+    even when no profiler runs, so here torch's wrapper is used only while something watches (a
+    profiler, or a registered step hook): then hooks and profiling behave exactly as torch's."""
+    watched = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (torch.autograd._profiler_enabled() or self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+                or _global_optimizer_post_hooks):
+            return watched(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    wrapper.hooked = True  # torch.optim's own mark: do not wrap this step() again
+    return wrapper
 
 
 class FusedOptimizer(torch.optim.Optimizer, abc.ABC):
@@ -135,25 +156,39 @@ class FusedOptimizer(torch.optim.Optimizer, abc.ABC):
         return states, advance_steps([s["step"] for s in states])
 
     # ------------------------------------------------------------------- step
-    @torch.no_grad()
+    @_observed_only_when_watched
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step; closure re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, grads = _with_grads(group["params"])  # the kernels refuse sparse grads by name
-            if not params:
-                continue
-            states, keys = self._prepare(group, params)
-            for key, idx in _buckets(params, keys):
-                if idx is None:
-                    self._step(group, params, grads, states, key)
-                else:
-                    self._step(group, [params[i] for i in idx], [grads[i] for i in idx],
-                               [states[i] for i in idx], key)
+        # Grad mode off by hand rather than by a no_grad() wrapper: this runs every training step,
+        # where the context manager's Python costs as much as a small model's update itself.
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for group in self.param_groups:
+                self._step_group(group)
+        finally:
+            torch._C._set_grad_enabled(enabled)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params, grads = _with_grads(group["params"])  # the kernels refuse sparse grads by name
+        if not params:
+            return
+        states, keys = self._prepare(group, params)
+        if keys.count(keys[0]) == len(keys) and len(_by_device_and_dtype(params)) == 1:
+            self._step(group, params, grads, states, keys[0])  # the usual case: one call for the group
+            return
+        for key, idx in _buckets(params, keys):
+            self._step(group, [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], key)
+
+
+def _by_device_and_dtype(params: list[Tensor]) -> dict:
+    """(device, dtype) -> ([params], indices), from torch's C++ grouping (no Python wrapper per step)."""
+    return torch._C._group_tensors_by_device_and_dtype([params], True)
 
 
 def _with_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -164,19 +199,10 @@ def _with_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def _buckets(params: list[Tensor], keys: list[Hashable]):
-    """Yields (key, indices) per bucket of one device, dtype and key; indices is None
-    when the bucket is every parameter (the usual case: no copying)."""
-    if keys.count(keys[0]) == len(keys):
-        by_key: dict[Hashable, list[int] | None] = {keys[0]: None}
-    else:
-        by_key = {}
-        for i, k in enumerate(keys):
-            by_key.setdefault(k, []).append(i)
+    """Yields (key, indices) per bucket of one device, dtype and key."""
+    by_key: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
     for key, idx in by_key.items():
-        members = params if idx is None else [params[i] for i in idx]
-        groups = _group_tensors_by_device_and_dtype([members], with_indices=True)
-        if len(groups) == 1:
-            yield key, idx
-            continue
-        for _, (_, sub) in groups.items():
-            yield key, sub if idx is None else [idx[j] for j in sub]
+        for _, (_, sub) in _by_device_and_dtype([params[i] for i in idx]).items():
+            yield key, [idx[j] for j in sub]
