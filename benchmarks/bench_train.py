@@ -20,7 +20,8 @@ side per round) so a load change on a shared machine hits every side alike; the 
 round is reported.
 
     python benchmarks/bench_train.py
-    python benchmarks/bench_train.py --rows 50000 --rounds 3
+    python benchmarks/bench_train.py --threads 1 --rows 50000 --rounds 5
+    python benchmarks/bench_train.py --device cuda   # densepipe and the torch loop on the GPU
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def dataset(name: str, rows: int):
 
 
 # ---------------------------------------------------------------------- runners
+DEVICE = "cpu"  # densepipe's and the torch loop's device (--device); scikit-learn runs on the CPU
+
+
+def sync() -> None:
+    if DEVICE == "cuda":  # CUDA work is queued: time it once it has run
+        torch.cuda.synchronize()
+
+
 def run_densepipe(Xtr, ytr, Xte, yte, epochs: int, seed: int):
     classes = int(ytr.max()) + 1
     cfg = config.parse({
@@ -77,16 +86,16 @@ def run_densepipe(Xtr, ytr, Xte, yte, epochs: int, seed: int):
                              {"type": "dense", "units": HIDDEN[1], "activation": "relu"},
                              {"type": "dense", "units": "auto", "activation": "auto"}]},
         "train": {"epochs": epochs, "batch_size": BATCH, "optimizer": {"name": "adam", "lr": LR},
-                  "metrics": ["accuracy"], "progress": "quiet"},
+                  "metrics": ["accuracy"], "progress": "quiet", "device": DEVICE},
     })
     spec = DataSpec({"features": Xtr.shape[1]}, {"target": TargetSpec("multiclass", classes)})
     model = build_model(cfg.model, cfg.train, spec, seed=seed)
     trainer = Trainer(model, cfg.train, seed=seed)
     train = Split({"features": torch.from_numpy(Xtr)}, {"target": torch.from_numpy(ytr)})
     t0 = time.perf_counter()
-    trainer.fit(train)
+    trainer.fit(train)  # ends with a host sync
     seconds = time.perf_counter() - t0
-    pred = model.predict({"features": torch.from_numpy(Xte)})["target"].argmax(1).numpy()
+    pred = model.predict({"features": torch.from_numpy(Xte).to(DEVICE)})["target"].argmax(1).cpu().numpy()
     return seconds, float((pred == yte).mean())
 
 
@@ -95,7 +104,7 @@ def run_torch(Xtr, ytr, Xte, yte, epochs: int, seed: int):
     classes = int(ytr.max()) + 1
     model = nn.Sequential(nn.Linear(Xtr.shape[1], HIDDEN[0]), nn.ReLU(),
                           nn.Linear(HIDDEN[0], HIDDEN[1]), nn.ReLU(),
-                          nn.Linear(HIDDEN[1], classes))
+                          nn.Linear(HIDDEN[1], classes)).to(DEVICE)
     loader = DataLoader(TensorDataset(torch.from_numpy(Xtr), torch.from_numpy(ytr)), batch_size=BATCH,
                         shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
@@ -105,6 +114,7 @@ def run_torch(Xtr, ytr, Xte, yte, epochs: int, seed: int):
         model.train()
         running = 0.0
         for xb, yb in loader:
+            xb, yb = xb.to(DEVICE), yb.to(DEVICE)
             optimizer.zero_grad()
             loss = loss_fn(model(xb), yb)
             loss.backward()
@@ -113,7 +123,7 @@ def run_torch(Xtr, ytr, Xte, yte, epochs: int, seed: int):
     seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        pred = model(torch.from_numpy(Xte)).argmax(1).numpy()
+        pred = model(torch.from_numpy(Xte).to(DEVICE)).argmax(1).cpu().numpy()
     return seconds, float((pred == yte).mean())
 
 
@@ -134,9 +144,9 @@ def run_gemm_bound(Xtr, ytr, Xte, yte, epochs: int, seed: int):
     dW for each layer, no dX for the inputs): an upper bound on samples/s, not a peer."""
     gen = torch.Generator().manual_seed(seed)
     widths = [Xtr.shape[1], *HIDDEN, int(ytr.max()) + 1]
-    acts = [torch.randn(BATCH, w, generator=gen) for w in widths]  # (B, width) per layer
+    acts = [torch.randn(BATCH, w, generator=gen).to(DEVICE) for w in widths]  # (B, width) per layer
     pairs = zip(widths, widths[1:], strict=False)
-    weights = [torch.randn(o, i, generator=gen) for i, o in pairs]  # (out, in) per layer
+    weights = [torch.randn(o, i, generator=gen).to(DEVICE) for i, o in pairs]  # (out, in) per layer
     steps = -(-len(Xtr) // BATCH) * epochs
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -145,6 +155,7 @@ def run_gemm_bound(Xtr, ytr, Xte, yte, epochs: int, seed: int):
             torch.mm(acts[i + 1].T, acts[i])             # dW = g^T x
             if i:
                 torch.mm(acts[i + 1], w)                 # dX = g W
+    sync()
     return time.perf_counter() - t0, float("nan")
 
 
@@ -205,10 +216,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds on digits (median reported)")
     p.add_argument("--big-rounds", type=int, default=1, help="interleaved rounds on the synthetic set")
     p.add_argument("--threads", type=int, default=0, help="threads for torch and BLAS (0: torch's default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="device of densepipe and the torch loop (scikit-learn has only the CPU)")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {threads} thread(s) for torch and scikit-learn's BLAS; "
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    print(f"torch {torch.__version__} on {where}, {threads} thread(s) for torch and scikit-learn's BLAS; "
           f"{HIDDEN[0]}-{HIDDEN[1]} relu MLP, batch {BATCH}, Adam lr {LR}")
     with threadpool_limits(limits=threads):  # numpy's BLAS (scikit-learn) gets the same threads
         results = [bench("digits", 0, args.epochs, args.rounds)]
