@@ -46,6 +46,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_dense.py
+	$(PY) benchmarks/bench_chain.py
 	$(PY) benchmarks/bench_optim.py
 	$(PY) benchmarks/bench_train.py
 

@@ -177,6 +177,7 @@ def bench(name: str, rows: int, epochs: int, rounds: int) -> dict:
             times[side].append(seconds)
             accs[side].append(acc)
     samples = len(Xtr) * epochs
+    time.sleep(IDLE)
     bound = len(Xtr) * epochs / run_gemm_bound(Xtr, ytr, Xte, yte, epochs, 0)[0]
     return {"data": name, "rows": len(Xtr), "epochs": epochs, "gemm_bound": bound,
             "speed": {k: samples / statistics.median(v) for k, v in times.items()},
