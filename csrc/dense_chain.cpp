@@ -55,6 +55,8 @@ template <typename Fn>
 auto in_layer(const char* op, size_t i, Fn&& fn) {
   try {
     return fn();
+  } catch (const c10::OutOfMemoryError&) {
+    throw;  // keeps its type (torch.OutOfMemoryError), which callers may handle
   } catch (const c10::Error& e) {
     TORCH_CHECK(false, "densepipe ", op, ": layer ", i, ": ", e.what_without_backtrace());
   }
@@ -92,14 +94,22 @@ std::tuple<Tensor, Tensors, Tensors> dense_chain_backward(
                  {"need_dweight", need_dweight.size()}, {"need_dbias", need_dbias.size()}});
   TORCH_CHECK(hidden.size() + 1 == n, "densepipe dense_chain_backward: hidden has ", hidden.size(),
               " entries; a chain of ", n, " layers has ", n - 1);
-  Tensors dweights(n), dbiases(n);
+  // The lowest layer that wants a parameter gradient: below it (frozen layers, an input that
+  // needs no gradient) backpropagation stops.
+  size_t lowest = n;
+  for (size_t k = 0; k < n && lowest == n; ++k) {
+    if (need_dweight.get(k) || need_dbias.get(k)) lowest = k;
+  }
+  const size_t stop = need_dx ? 0 : lowest;
+  const Tensor none = at::empty({0}, x.options());
+  Tensors dweights(n, none), dbiases(n, none);
   Tensor g = grad_y;
-  for (size_t k = n; k-- > 0;) {  // last layer first
+  for (size_t k = n; k-- > stop;) {  // last layer first
     const Tensor& input = k == 0 ? x : hidden[k - 1];
     const Tensor& output = k + 1 == n ? y : hidden[k];
     // The kernel wants the pre-activation where the forward kept one, else the output.
     const Tensor& saved = preacts[k].numel() > 0 ? preacts[k] : output;
-    const std::array<bool, 3> mask = {k > 0 || need_dx, need_dweight.get(k), need_dbias.get(k)};
+    const std::array<bool, 3> mask = {k > stop || (k == 0 && need_dx), need_dweight.get(k), need_dbias.get(k)};
     auto [dx, dw, db] = in_layer("dense_chain_backward", k, [&] {
       return backward_op().call(g, input, weights[k], saved, activations[k], alphas[k], mask);
     });
@@ -107,7 +117,7 @@ std::tuple<Tensor, Tensors, Tensors> dense_chain_backward(
     dbiases[k] = std::move(db);
     g = std::move(dx);
   }
-  return {need_dx ? g : at::empty({0}, x.options()), dweights, dbiases};
+  return {need_dx ? g : none, dweights, dbiases};
 }
 
 }  // namespace

@@ -279,3 +279,66 @@ def test_a_hooked_layer_runs_on_its_own_and_its_hook_sees_its_output():
     l1, l2 = model.layers["dense_1"], model.layers["dense_2"]
     assert torch.equal(seen["out"], l2(l1(x["features"])))
     assert torch.equal(hooked, unhooked)
+
+
+def test_every_kind_of_hook_or_a_compiled_layer_runs_the_layers_on_their_own():
+    model = _model([{"type": "dense", "units": 16, "activation": "relu"},
+                    {"type": "dense", "units": 8, "activation": "tanh"},
+                    {"type": "dense", "units": "auto"}])
+    x = {"features": torch.randn(5, 8)}
+    layer = model.layers["dense_2"]
+    fired = []
+    watchers = {
+        "backward hook": lambda: layer.register_full_backward_hook(lambda m, gi, go: fired.append(1)),
+        "global forward hook": lambda: torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: fired.append(1) if m is layer else None),
+        "global backward hook": lambda: torch.nn.modules.module.register_module_full_backward_hook(
+            lambda m, gi, go: fired.append(1) if m is layer else None),
+    }
+    for name, register in watchers.items():
+        fired.clear()
+        handle = register()
+        try:
+            with _RecordOps() as rec:
+                model(x)["target"].sum().backward()
+        finally:
+            handle.remove()
+        assert fired == [1], name
+        assert not [f for f, _ in rec.calls if f is _ops.dense_chain_forward.default], name
+    layer._compiled_call_impl = layer._call_impl  # what Module.compile() sets, without compiling
+    try:
+        assert not layer.chainable()
+    finally:
+        layer._compiled_call_impl = None
+    assert layer.chainable()
+
+
+def test_a_layer_swapped_for_plain_torch_after_building_runs_as_itself():
+    model = _model([{"type": "dense", "units": 6, "activation": "relu"},
+                    {"type": "dense", "units": 6, "activation": "relu"},
+                    {"type": "dense", "units": "auto"}])
+    model.layers["dense_2"] = torch.nn.Linear(6, 6)
+    x = torch.randn(4, 8)
+    h = model.layers["dense_3"](model.layers["dense_2"](model.layers["dense_1"](x)))
+    assert torch.equal(model({"features": x})["target"], h)
+
+
+def test_frozen_lower_layers_and_zero_width_layers():
+    # Backpropagation stops below the lowest layer that trains; a layer of width 0 still gets
+    # (empty) gradients for its parameters, as dense() gives them.
+    ws, bs = _layers([5, 7, 4, 3], None, [True, True, True], torch.float64)
+    for t in (ws[0], bs[0], ws[1]):
+        t.requires_grad_(False)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    acts = ["tanh", "sigmoid", "linear"]
+    y = ops.dense_chain(x, ws, bs, acts, [0.0] * 3)
+    grads = torch.autograd.grad(y.sum(), [bs[1], ws[2], bs[2]])
+    ref = [t.detach().requires_grad_(t.requires_grad) for t in (*ws, *bs)]
+    y_ref = _reference(x, ref[:3], ref[3:], [(a, 0.0) for a in acts])
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref.sum(), [ref[4], ref[2], ref[5]]), strict=True):
+        _close(g, g_ref, torch.float64)
+    zw, zb = _layers([4, 0, 3], None, [True, True], torch.float64)
+    out = ops.dense_chain(torch.randn(2, 4, dtype=torch.float64), zw, zb, ["relu", "linear"], [0.0, 0.0])
+    out.sum().backward()
+    assert zb[0].grad is not None and zb[0].grad.shape == (0,) and zw[0].grad.shape == (0, 4)
+    torch.testing.assert_close(zb[1].grad, torch.full((3,), 2.0, dtype=torch.float64))  # y = b: d sum / db = rows

@@ -152,6 +152,27 @@ def test_two_heads_on_one_trunk_train_both():
     assert last["val_width_r2"] >= 0.8
 
 
+def test_per_output_losses_and_metrics_match_a_pass_over_the_epoch_outputs():
+    # Two outputs, one of them the input batch itself (an identity path): the epoch's metrics are
+    # read after every step has run, so what each step logged must not be overwritten by later ones.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=gen)
+    data = Split({"features": x}, {"y1": torch.randn(32, 2, generator=gen), "y2": x.clone()})
+    spec = DataSpec({"features": 3}, {"y1": TargetSpec("regression", 2), "y2": TargetSpec("regression", 3)})
+    model_cfg = {
+        "layers": [{"type": "dense", "name": "a", "inputs": ["features"], "units": 2},
+                   {"type": "activation", "name": "b", "inputs": ["features"], "activation": "linear"}],
+        "outputs": {"a": {"target": "y1", "metrics": ["mse"]}, "b": {"target": "y2", "metrics": ["mse"]}},
+    }
+    _, history = fit(model_cfg, spec, data, epochs=2, batch_size=8, shuffle=False,
+                     optimizer={"name": "sgd", "lr": 0.1})
+    last = history.records[-1]
+    assert last["b_loss"] == 0.0 and last["b_mse"] == 0.0
+    # The loss sums were logged per step, the metric is computed from the kept outputs at the end.
+    assert last["a_mse"] == pytest.approx(last["a_loss"], rel=1e-6) and last["a_loss"] > 0
+    assert last["loss"] == pytest.approx(last["a_loss"] + last["b_loss"], rel=1e-6)
+
+
 # ------------------------------------------------------------------- progress
 @pytest.mark.parametrize("mode", ["quiet", "epoch", "bar"])
 def test_progress_modes(mode, capsys):

@@ -108,7 +108,6 @@ def _chain_save(ctx, x, weights, biases, activations, alphas, output) -> None:
     y, hidden, preacts = output
     ctx.save_for_backward(x, y, *hidden, *weights, *preacts)
     ctx.n, ctx.activations, ctx.alphas = len(weights), list(activations), list(alphas)
-    ctx.has_bias = [b.numel() > 0 for b in biases]  # an empty bias stands for none
     ctx.mark_non_differentiable(*hidden, *preacts)
     ctx.set_materialize_grads(False)  # only y's gradient is ever used
 
@@ -121,7 +120,8 @@ def _chain_grads(ctx, grad_y, need_x: bool, need_w, need_b):
     saved = ctx.saved_tensors
     x, y, hidden = saved[0], saved[1], list(saved[2:n + 1])
     weights, preacts = list(saved[n + 1:2 * n + 1]), list(saved[2 * n + 1:])
-    need_w, need_b = list(need_w), [nb and hb for nb, hb in zip(need_b, ctx.has_bias, strict=True)]
+    # An empty bias standing for none does not require grad, so need_b is False there.
+    need_w, need_b = list(need_w), list(need_b)
     args = (grad_y, x, hidden, y, weights, preacts, ctx.activations, ctx.alphas, need_w, need_b, need_x)
     if torch.is_grad_enabled():  # create_graph=True: through the op, whose double backward refuses
         dx, dws, dbs = _ops.dense_chain_backward(*args)

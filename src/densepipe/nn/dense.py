@@ -48,12 +48,23 @@ class FusedDense(nn.Module):
         return self.runs_fused_kernel and self.act.fused
 
     def chainable(self) -> bool:
-        """Whether run_chain may run it now: it chains, and no hook watches its own call."""
-        return self.chains and not (self._forward_hooks or self._forward_pre_hooks)
+        """Whether run_chain may run it now: it chains, and nothing expects its own call (its
+        forward or backward hooks, global module hooks, a compiled call of its own)."""
+        return self.chains and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
+                                    or self._backward_pre_hooks or self._compiled_call_impl is not None
+                                    or _global_module_hooks())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activation={self.act.name}")
+
+
+def _global_module_hooks() -> bool:
+    # torch.nn.modules.register_module_*_hook: they fire on every module call, so a chained
+    # layer would skip them.
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 def run_chain(layers: list[FusedDense], x: Tensor) -> Tensor:

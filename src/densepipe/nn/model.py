@@ -78,7 +78,7 @@ class DenseModel(nn.Module):
         env = dict(inputs)
         for run in self._runs:
             layers = [self.layers[node.name] for node in run]
-            if len(run) > 1 and all(m.chainable() for m in layers):
+            if len(run) > 1 and all(isinstance(m, FusedDense) and m.chainable() for m in layers):
                 env[run[-1].name] = run_chain(layers, env[run[0].inputs[0]])
                 continue
             for node, layer in zip(run, layers, strict=True):

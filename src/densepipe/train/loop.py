@@ -182,6 +182,7 @@ class Trainer:
         order = self._permutation(data.n).index_select(0, shard.positions)  # (rows,) this rank's, by step
         logged: list[Tensor] = []  # per step: (objective, loss sums (total, each output), grad norms)
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
+        reused = {b.untyped_storage().data_ptr() for b in batch.values()}
         for (lo, hi), rows in zip(shard.bounds, shard.step_rows, strict=True):
             idx = order[lo:hi]
             xb = {k: torch.index_select(v, 0, idx, out=batch[k][:hi - lo]) for k, v in data.inputs.items()}
@@ -201,7 +202,10 @@ class Trainer:
                 norms = torch._foreach_norm([w.grad for w in dense]) if dense else []
                 logged.append(torch.stack([objective, total, *parts, *norms]))
             for name, r in raw.items():
-                outputs[name].append(r.detach().flatten(1))
+                kept = r.detach().flatten(1)
+                # An output can be the gathered batch itself (an identity path from an input),
+                # which the next step overwrites: that one is copied.
+                outputs[name].append(kept.clone() if kept.untyped_storage().data_ptr() in reused else kept)
         log = torch.stack(logged)                                  # (steps, 2 + outputs + dense layers)
         # Each step's outputs came from the weights before its update, as Keras' running metrics.
         targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
