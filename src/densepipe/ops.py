@@ -104,12 +104,10 @@ def _dense_chain_backward_fake(grad_y, x, hidden, y, weights, preacts, activatio
     return dx, dws, dbs
 
 
-def _chain_save(ctx, x, weights, biases, activations, alphas, output) -> None:
+def _chain_save(ctx, x, weights, activations, alphas, output) -> None:
     y, hidden, preacts = output
     ctx.save_for_backward(x, y, *hidden, *weights, *preacts)
     ctx.n, ctx.activations, ctx.alphas = len(weights), list(activations), list(alphas)
-    ctx.mark_non_differentiable(*hidden, *preacts)
-    ctx.set_materialize_grads(False)  # only y's gradient is ever used
 
 
 def _chain_grads(ctx, grad_y, need_x: bool, need_w, need_b):
@@ -133,7 +131,11 @@ def _chain_grads(ctx, grad_y, need_x: bool, need_w, need_b):
 
 
 def _dense_chain_setup_context(ctx, inputs, output):
-    _chain_save(ctx, *inputs, output)
+    x, weights, _, activations, alphas = inputs
+    _chain_save(ctx, x, weights, activations, alphas, output)
+    _, hidden, preacts = output
+    ctx.mark_non_differentiable(*hidden, *preacts)
+    ctx.set_materialize_grads(False)  # only y's gradient is ever used
 
 
 def _dense_chain_backward(ctx, grad_y, _grad_hidden, _grad_preacts):
@@ -152,7 +154,8 @@ torch.library.register_autograd(
 
 
 class _DenseChain(torch.autograd.Function):
-    """dense_chain_forward with its tensors as flat arguments (x, *weights, *biases): one
+    """dense_chain_forward with its tensors as flat arguments (x, *weights, *biases) and y as
+    its only output (the hidden outputs and pre-activations are saved, never returned): one
     autograd node per chain without the list packing of the generic registration."""
 
     @staticmethod
@@ -161,12 +164,11 @@ class _DenseChain(torch.autograd.Function):
         weights, biases = list(params[:n]), list(params[n:])
         with torch._C._AutoDispatchBelowAutograd():
             out = _ops.dense_chain_forward(x, weights, biases, activations, alphas)
-        _chain_save(ctx, x, weights, biases, activations, alphas, out)
-        y, hidden, preacts = out
-        return (y, *hidden, *preacts)
+        _chain_save(ctx, x, weights, activations, alphas, out)
+        return out[0]
 
     @staticmethod
-    def backward(ctx, grad_y, *_not_differentiable):
+    def backward(ctx, grad_y):
         n, need = ctx.n, ctx.needs_input_grad  # need: x, activations, alphas, *weights, *biases
         dx, dws, dbs = _chain_grads(ctx, grad_y, need[0], need[3:3 + n], need[3 + n:])
         return (dx, None, None, *dws, *dbs)
@@ -180,7 +182,7 @@ def dense_chain(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], a
     biases, alphas = [empty if b is None else b for b in biases], [float(a) for a in alphas]
     if torch.compiler.is_compiling():  # traced: the registered op, which the compilers know how to handle
         return _ops.dense_chain_forward(x, weights, biases, activations, alphas)[0]
-    return _DenseChain.apply(x, list(activations), alphas, *weights, *biases)[0]
+    return _DenseChain.apply(x, list(activations), alphas, *weights, *biases)
 
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None,
