@@ -50,9 +50,9 @@ class FusedDense(nn.Module):
     def chainable(self) -> bool:
         """Whether run_chain may run it now: it chains, and nothing expects its own call (its
         forward or backward hooks, global module hooks, a compiled call of its own)."""
+        compiled = getattr(self, "_compiled_call_impl", None) is not None  # Module.compile(), torch >= 2.2
         return self.chains and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                                    or self._backward_pre_hooks or self._compiled_call_impl is not None
-                                    or _global_module_hooks())
+                                    or self._backward_pre_hooks or compiled or _global_module_hooks())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
