@@ -220,6 +220,16 @@ def _model(layers, spec=None, kernels="fused", **model):
     return build_model(cfg.model, cfg.train, spec, 0)
 
 
+THREE_DENSE = [{"type": "dense", "units": 16, "activation": "relu"},
+               {"type": "dense", "units": 8, "activation": "tanh"},
+               {"type": "dense", "units": "auto"}]
+
+
+def _chained(rec) -> bool:
+    """Whether a _RecordOps recording holds a dense chain call."""
+    return any(f is _ops.dense_chain_forward.default for f, _ in rec.calls)
+
+
 def _runs(model):
     return [[n.name for n in run] for run in model._runs]
 
@@ -254,7 +264,7 @@ def test_model_output_and_grads_are_those_of_the_layers_one_by_one():
     x = {"features": torch.randn(20, 8, generator=torch.Generator().manual_seed(0))}
     with _RecordOps() as rec:
         y = model(x)["target"]
-    assert [f for f, _ in rec.calls if f is _ops.dense_chain_forward.default]  # ran as one chain
+    assert _chained(rec)  # ran as one chain
     grads = torch.autograd.grad(y.sum(), list(model.parameters()))
     h = x["features"]
     for layer in model.layers.values():  # each layer's own forward: the unchained path
@@ -265,9 +275,7 @@ def test_model_output_and_grads_are_those_of_the_layers_one_by_one():
 
 
 def test_a_hooked_layer_runs_on_its_own_and_its_hook_sees_its_output():
-    model = _model([{"type": "dense", "units": 16, "activation": "relu"},
-                    {"type": "dense", "units": 8, "activation": "tanh"},
-                    {"type": "dense", "units": "auto"}])
+    model = _model(THREE_DENSE)
     x = {"features": torch.randn(5, 8)}
     unhooked = model(x)["target"]
     seen = {}
@@ -275,16 +283,14 @@ def test_a_hooked_layer_runs_on_its_own_and_its_hook_sees_its_output():
     with _RecordOps() as rec:
         hooked = model(x)["target"]
     handle.remove()
-    assert not [f for f, _ in rec.calls if f is _ops.dense_chain_forward.default]
+    assert not _chained(rec)
     l1, l2 = model.layers["dense_1"], model.layers["dense_2"]
     assert torch.equal(seen["out"], l2(l1(x["features"])))
     assert torch.equal(hooked, unhooked)
 
 
 def test_every_kind_of_hook_or_a_compiled_layer_runs_the_layers_on_their_own():
-    model = _model([{"type": "dense", "units": 16, "activation": "relu"},
-                    {"type": "dense", "units": 8, "activation": "tanh"},
-                    {"type": "dense", "units": "auto"}])
+    model = _model(THREE_DENSE)
     x = {"features": torch.randn(5, 8)}
     layer = model.layers["dense_2"]
     fired = []
@@ -304,7 +310,7 @@ def test_every_kind_of_hook_or_a_compiled_layer_runs_the_layers_on_their_own():
         finally:
             handle.remove()
         assert fired == [1], name
-        assert not [f for f, _ in rec.calls if f is _ops.dense_chain_forward.default], name
+        assert not _chained(rec), name
     layer._compiled_call_impl = layer._call_impl  # what Module.compile() sets, without compiling
     try:
         assert not layer.chainable()
