@@ -69,10 +69,15 @@ torch.library.register_autograd(
 )
 
 
+class DoubleBackwardError(RuntimeError):
+    """A second derivative was asked of the fused dense layers, which define only the first
+    (a RuntimeError, as torch's own once-differentiable functions raise)."""
+
+
 def _dense_double_backward(ctx, *grads):
     # The backward kernel has no derivative of its own: say so, instead of letting
     # autograd treat it as a constant and return silently wrong second derivatives.
-    raise NotImplementedError("densepipe dense: double backward (create_graph=True through the fused "
+    raise DoubleBackwardError("densepipe dense: double backward (create_graph=True through the fused "
                               "layer, e.g. for a gradient penalty) is not supported")
 
 
