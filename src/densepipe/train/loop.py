@@ -210,10 +210,10 @@ class Trainer:
         # Each step's outputs came from the weights before its update, as Keras' running metrics.
         targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
         stats = self._metric_stats({k: torch.cat(v) for k, v in outputs.items()}, targets)
-        heads = 1 + len(self.model.heads)
-        loss_sums = log[:, 1:1 + heads].double().sum(0)           # (1 + outputs,)
+        sums = 1 + len(self.model.heads)                           # loss sums per step: total, each output
+        loss_sums = log[:, 1:1 + sums].double().sum(0)            # (1 + outputs,)
         bad = (~torch.isfinite(log[:, 0])).double()                # (steps,) 1 where non-finite
-        grad_norms = (log[:, 1 + heads:].double() ** 2).mean(0).sqrt()  # RMS over steps; equal on all ranks
+        grad_norms = (log[:, 1 + sums:].double() ** 2).mean(0).sqrt()  # RMS over steps; equal on all ranks
         return [loss_sums, bad, *stats], grad_norms
 
     def _clip(self) -> None:
