@@ -221,27 +221,36 @@ def outputs(args):
     return history, metrics, weights
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
-    params = str(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    split_stage.run(argparse.Namespace(params=params, set=[], out=str(tmp_path / "split")))
-    scale_stage.run(argparse.Namespace(params=params, set=[], split=str(tmp_path / "split"),
+def prepare_data(tmp_path, params: dict) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    path = str(tmp_path / "params.yaml")
+    split_stage.run(argparse.Namespace(params=path, set=[], out=str(tmp_path / "split")))
+    scale_stage.run(argparse.Namespace(params=path, set=[], split=str(tmp_path / "split"),
                                        out=str(tmp_path / "processed")))
-    whole = stage_args(tmp_path, "whole")
-    train_stage.run(whole)
 
-    killed = stage_args(tmp_path, "killed")
+
+def kill_after_epoch(monkeypatch, args, epoch: int) -> None:
+    """Runs the train stage until the process 'dies' right after the given epoch's checkpoint."""
     save_resume = ckpt.save_resume
 
     def save_then_die(path, state, key):
         save_resume(path, state, key)
-        if state["epoch"] == 3:
-            raise KeyboardInterrupt   # the process dies right after the epoch-3 checkpoint
+        if state["epoch"] == epoch:
+            raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
         m.setattr(ckpt, "save_resume", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            train_stage.run(killed)
+            train_stage.run(args)
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    prepare_data(tmp_path, PARAMS)
+    whole = stage_args(tmp_path, "whole")
+    train_stage.run(whole)
+
+    killed = stage_args(tmp_path, "killed")
+    kill_after_epoch(monkeypatch, killed, 3)
     capsys.readouterr()
     train_stage.run(killed)
     assert "resuming from" in capsys.readouterr().out
@@ -257,3 +266,24 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     train_stage.run(killed)
     assert "resuming" not in capsys.readouterr().out
     assert outputs(killed)[0] == h1
+
+
+def test_resume_ignores_display_settings_but_not_training_ones(tmp_path, monkeypatch, capsys):
+    prepare_data(tmp_path, PARAMS)
+    whole = stage_args(tmp_path, "whole")
+    train_stage.run(whole)
+    killed = stage_args(tmp_path, "killed")
+    kill_after_epoch(monkeypatch, killed, 2)
+    capsys.readouterr()
+    # Another progress display and checkpoint interval: the same training, so it resumes.
+    killed.set = ["train.progress=epoch", "train.checkpoint_every=2"]
+    train_stage.run(killed)
+    assert "resuming from" in capsys.readouterr().out
+    assert outputs(killed)[0] == outputs(whole)[0]
+
+    other = stage_args(tmp_path, "other")
+    kill_after_epoch(monkeypatch, other, 2)
+    capsys.readouterr()
+    other.set = ["train.optimizer.lr=0.01"]  # another training: starts over
+    train_stage.run(other)
+    assert "resuming" not in capsys.readouterr().out

@@ -62,11 +62,16 @@ def class_weights(cfg, pre: Preprocessor, targets: dict) -> dict[str, torch.Tens
     return out
 
 
+# train settings that do not change what training computes, left out of the resume key: a job
+# killed on N processes may resume on M, and a run restarted with another progress display or
+# checkpoint interval picks up where it stopped.
+_NOT_IN_RESUME_KEY = ("distributed", "progress", "checkpoint_every")
+
+
 def _resume_key(cfg, data_dir: Path) -> str:
-    # The number of processes does not change what a checkpoint holds: a job killed on
-    # N processes may resume on M.
+    defaults = config_mod.TrainConfig()
     one = cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"distributed": config_mod.DistributedConfig()})})
+        update={k: getattr(defaults, k) for k in _NOT_IN_RESUME_KEY})})
     h = hashlib.sha256(ckpt.config_hash(one, "seed", "model", "train").encode())
     for name in ("preprocessor.json", "train.npz", "val.npz"):
         h.update((data_dir / name).read_bytes())
