@@ -188,6 +188,46 @@ def test_progress_modes(mode, capsys):
         assert all("loss" in line and "accuracy" in line for line in lines)
 
 
+# ------------------------------------------------------------ what is logged
+IRIS = DataSpec({"features": 4}, {"target": TargetSpec("multiclass", 3, [0, 1, 2])})
+
+
+def iris_split() -> Split:
+    X, y = load_iris(return_X_y=True)
+    return Split({"features": torch.tensor(StandardScaler().fit_transform(X), dtype=torch.float32)},
+                 {"target": torch.tensor(y)})
+
+
+def test_logged_loss_includes_the_kernel_penalty_as_keras_does():
+    data = iris_split()
+    layers = [{"type": "dense", "units": 8, "activation": "relu", "l1": 0.01, "l2": 0.1},
+              {"type": "dense", "units": "auto", "activation": "auto", "l2": 0.05}]
+    # A vanishing lr and one step per epoch: the weights the loss was taken with are, to float
+    # precision, the final ones.
+    trainer, history = fit({"layers": layers}, IRIS, data, data, epochs=1, batch_size=len(data.targets["target"]),
+                           optimizer={"name": "sgd", "lr": 1e-12})
+    model = trainer.model
+    with torch.no_grad():
+        data_loss = torch.nn.functional.cross_entropy(model(data.inputs)["target"], data.targets["target"])
+        penalty = model.penalty()
+    assert penalty > 0.1 * data_loss                                   # big enough to tell apart
+    record = history.records[0]
+    assert record["loss"] == pytest.approx(float(data_loss + penalty), rel=1e-5)
+    assert record["val_loss"] == pytest.approx(float(data_loss + penalty), rel=1e-5)
+
+
+def test_gradient_norms_are_logged_before_clipping():
+    data = iris_split()
+    layers = [{"type": "dense", "units": 8, "activation": "tanh"},
+              {"type": "dense", "units": "auto", "activation": "auto"}]
+    one_step = {"epochs": 1, "batch_size": len(data.targets["target"]), "optimizer": {"name": "sgd", "lr": 0.1}}
+    _, free = fit({"layers": layers}, IRIS, data, **one_step)
+    _, clipped = fit({"layers": layers}, IRIS, data, clip={"norm": 1e-4}, **one_step)
+    norms = {k: v for k, v in free.records[0].items() if k.startswith("grad_norm/")}
+    assert len(norms) == 2 and min(norms.values()) > 1e-3               # far above the clip norm
+    assert {k: clipped.records[0][k] for k in norms} == pytest.approx(norms, rel=1e-6)
+
+
 # ------------------------------------------------------- resume through the stage
 PARAMS = {
     "seed": 3,

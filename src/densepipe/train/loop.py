@@ -195,11 +195,15 @@ class Trainer:
             objective = objective if penalty is None else objective + penalty
             self.optimizer.zero_grad()
             objective.backward()  # returns after DDP's gradient all-reduce
+            # Norms of the gradients as backward made them, before clipping rescales them: they are
+            # what shows a user exploding or vanishing gradients.
+            norms = torch._foreach_norm([w.grad for w in dense]) if dense else []
             self._clip()
             self.optimizer.step()
             # Kept, not copied into epoch buffers: one stack per step, one cat per epoch is cheaper.
             with torch.no_grad():
-                norms = torch._foreach_norm([w.grad for w in dense]) if dense else []
+                # The logged loss carries the penalty too, as Keras' does: row-weighted, like the data loss.
+                total = total if penalty is None else total + penalty * (hi - lo)
                 logged.append(torch.stack([objective, total, *parts, *norms]))
             for name, r in raw.items():
                 kept = r.detach().flatten(1)
@@ -241,6 +245,9 @@ class Trainer:
             loss_sum += torch.stack([total, *parts]).double()
             s = self._metric_stats(raw, part.targets)
             stats = s if stats is None else [a + c for a, c in zip(stats, s, strict=True)]
+        penalty = self.model.penalty()
+        if penalty is not None:  # in the total, as in training: val_loss compares with loss
+            loss_sum[0] += penalty.double() * data.n
         return [loss_sum, *stats]
 
     def evaluate(self, data: Split) -> tuple[Tensor, list[Tensor]]:
