@@ -327,3 +327,70 @@ def test_resume_ignores_display_settings_but_not_training_ones(tmp_path, monkeyp
     other.set = ["train.optimizer.lr=0.01"]  # another training: starts over
     train_stage.run(other)
     assert "resuming" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("monitor, with_val, message", [
+    ("val_acc", True, "'val_acc' is not logged (did you mean 'val_accuracy'?)"),
+    ("val_loss", False, "'val_loss' is not logged (there is no validation data: split.val_size is 0)"),
+    ("los", False, "'los' is not logged (did you mean 'loss'?)"),
+])
+def test_a_callback_monitoring_an_unlogged_value_is_refused_before_training(monitor, with_val, message):
+    data = iris_split()
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto", "activation": "auto"}]},
+                        "train": {"progress": "quiet", "epochs": 2,
+                                  "callbacks": [{"type": "reduce_on_plateau", "monitor": "loss"},
+                                                {"type": "early_stopping", "monitor": monitor}]}})
+    trainer = Trainer(build_model(cfg.model, cfg.train, IRIS, seed=0), cfg.train)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(config.ConfigError) as err:
+        trainer.fit(data, data if with_val else None)
+    assert str(err.value).startswith(f"train.callbacks[1].monitor: {message}; logged: loss, accuracy")
+    assert len(trainer.history) == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # nothing trained
+
+
+@pytest.mark.parametrize("checkpoint, held", [
+    # monitors the lr, which only falls: the first epoch stays the best, and the model file holds it
+    ({"type": "model_checkpoint", "monitor": "lr", "mode": "max"}, 1),
+    ({"type": "model_checkpoint", "save_best_only": False}, 4),   # every epoch: the last
+    (None, 4),                                                     # no callback: the final weights
+])
+def test_reported_metrics_are_those_of_the_weights_in_the_model_file(tmp_path, checkpoint, held):
+    params = {**PARAMS, "train": {"epochs": 4, "batch_size": 64, "progress": "quiet",
+                                  "callbacks": [{"type": "exponential_decay", "gamma": 0.5},
+                                                *([checkpoint] if checkpoint else [])]}}
+    prepare_data(tmp_path, params)
+    args = stage_args(tmp_path, "run")
+    train_stage.run(args)
+    history, metrics, weights = outputs(args)
+    assert metrics["epochs_run"] == 4
+    row = {k: v for k, v in history[held - 1].items() if k != "epoch" and not k.startswith("grad_norm/")}
+    assert {k: metrics[k] for k in row} == row
+    assert torch.load(args.model, weights_only=True)["epoch"] == held
+    if held == 1:
+        assert metrics["val_loss"] != history[-1]["val_loss"]
+
+
+def test_early_stopping_restores_the_first_epoch_when_its_value_cannot_be_compared():
+    from densepipe.train.callbacks import EarlyStopping
+
+    class Weights:  # the trainer services the callback uses
+        def __init__(self):
+            self.current, self.loaded, self.restored_epoch, self.log = 0, None, None, lambda m: None
+
+        def weights_copy(self):
+            return {"w": self.current}
+
+        def load_weights(self, state):
+            self.loaded = state
+
+        def request_stop(self, reason):
+            pass
+
+    trainer = Weights()
+    cb = EarlyStopping(EarlyStopping.Args(monitor="val_loss", patience=5, restore_best_weights=True))
+    for epoch, value in enumerate([float("nan"), float("nan")]):
+        trainer.current = epoch
+        cb.on_epoch_end(trainer, epoch, {"val_loss": value})
+    cb.on_train_end(trainer)
+    assert trainer.loaded == {"w": 0} and trainer.restored_epoch == 0

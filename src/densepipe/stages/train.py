@@ -78,10 +78,10 @@ def _resume_key(cfg, data_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def final_metrics(history, stopped: str | None, restored_epoch: int | None = None) -> dict:
-    """The metrics of the weights the model file holds: the last epoch's, or the
-    restored best epoch's."""
-    chosen = [r for r in history.records if restored_epoch is not None and r["epoch"] == restored_epoch + 1]
+def final_metrics(history, stopped: str | None, held_epoch: int | None = None) -> dict:
+    """The metrics of the weights the model file holds: those of epoch `held_epoch` (counted
+    from 0; the last epoch when None)."""
+    chosen = [r for r in history.records if held_epoch is not None and r["epoch"] == held_epoch + 1]
     last = dict(chosen[0] if chosen else history.records[-1]) if history.records else {}
     out = {k: v for k, v in last.items() if not k.startswith(("grad_norm/", "epoch_seconds"))}
     out["epochs_run"] = len(history)
@@ -157,10 +157,12 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
         raise
     if not ctx.main:
         return  # rank 0 writes the outputs
-    if not any(cb.type == "model_checkpoint" for cb in cfg.train.callbacks) or not model_path.exists():
-        save_model(len(history))
+    held = trainer.saved_epoch  # a checkpoint callback's pick (its best epoch, or the last)
+    if held is None:  # no callback wrote the model file: the final (or restored) weights go there
+        held = trainer.restored_epoch if trainer.restored_epoch is not None else len(history) - 1
+        save_model(held + 1)
     history.save_csv(args.history)
-    metrics = final_metrics(history, trainer.stop_reason, trainer.restored_epoch)
+    metrics = final_metrics(history, trainer.stop_reason, held)
     write_json(args.metrics, metrics)
     tracker.log_history(history.records[trainer.start_epoch:] if state is not None else history.records)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)})

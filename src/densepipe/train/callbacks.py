@@ -96,7 +96,8 @@ class EarlyStopping(Callback):
             return
         value = self.mon.value(logs)
         if self.best_weights is None and self.args.restore_best_weights:
-            self.best_weights = trainer.weights_copy()  # the first monitored epoch is the first best
+            # The first monitored epoch is the first best, even when its value cannot be compared (NaN).
+            self.best_weights, self.best_epoch = trainer.weights_copy(), epoch
         self.wait += 1
         if self.mon.improved(value):
             self.mon.best, self.best_epoch = value, epoch

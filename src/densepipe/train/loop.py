@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from densepipe.config import ConfigError
 from densepipe.metrics import METRICS
 from densepipe.nn.losses import LOSSES, weighted_sum
+from densepipe.registry import did_you_mean
 from densepipe.train import distributed
 from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
 from densepipe.train.history import History
@@ -71,8 +73,9 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 class Trainer:
     def __init__(self, model, cfg, *, seed: int = 0, class_weights: dict[str, Tensor] | None = None,
                  save_model=None, save_checkpoint=None, log=print):
-        """cfg: config.TrainConfig. save_model(epoch) writes the model file (checkpoint
-        callback); save_checkpoint(state) writes the resume checkpoint."""
+        """cfg: config.TrainConfig. save_model(epoch) writes the model file with the weights after
+        that epoch, counted from 1 (checkpoint callback); save_checkpoint(state) writes the resume
+        checkpoint."""
         self.cfg, self.model, self.seed = cfg, model, seed
         self.dist = distributed.current()
         self.device = distributed.device(cfg.device)
@@ -88,6 +91,7 @@ class Trainer:
         self.epochs, self.start_epoch = cfg.epochs, 0
         self.stop, self.stop_reason = False, None
         self.restored_epoch: int | None = None  # set when a callback put an earlier epoch's weights back
+        self.saved_epoch: int | None = None     # the epoch whose weights a callback last wrote to the model file
         self.shuffle_gen = torch.Generator(device=self.device).manual_seed(seed)
         torch.manual_seed(seed)  # dropout and noise layers draw from the global generator
         self.dense_names = list(model.dense_layers())
@@ -113,7 +117,8 @@ class Trainer:
 
     def save_model(self, epoch: int) -> None:
         if self._save_model is not None:
-            self._save_model(epoch)
+            self._save_model(epoch + 1)
+            self.saved_epoch = epoch
 
     # -------------------------------------------------------------------- resume
     def state_dict(self, epoch: int) -> dict:
@@ -124,6 +129,7 @@ class Trainer:
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "history": self.history.records,
             "shuffle_rng": self.shuffle_gen.get_state(),  # the global generator is seeded per epoch
+            "saved_epoch": self.saved_epoch,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -134,6 +140,7 @@ class Trainer:
         self.history.records = list(state["history"])
         self.shuffle_gen.set_state(state["shuffle_rng"])
         self.start_epoch = int(state["epoch"])
+        self.saved_epoch = state.get("saved_epoch")
 
     # ------------------------------------------------------------------- losses
     def _loss_sums(self, raw: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -263,10 +270,30 @@ class Trainer:
         logs.update({f"{prefix}{key}": v for (key, _, _), v in zip(self._log_names(), metrics, strict=True)})
         return logs
 
+    def _decided_keys(self, with_val: bool) -> list[str]:
+        """The log keys callbacks see after each epoch (all but the wall-clock ones)."""
+        losses, metrics = [0.0] * (1 + len(self.model.heads)), [0.0] * len(self._log_names())
+        keys = [*self._logs("", losses, metrics), *(self._logs("val_", losses, metrics) if with_val else ())]
+        return [*keys, "lr", *(f"grad_norm/{n}" for n in self.dense_names)]
+
+    def _check_monitors(self, with_val: bool) -> None:
+        """A callback watching a value that training never logs would fail after the first
+        epoch's work: refused before it, with what is logged."""
+        logged = self._decided_keys(with_val)
+        for i, cb in enumerate(self.callbacks):
+            monitor = getattr(cb.args, "monitor", None)
+            if monitor is None or monitor in logged:
+                continue
+            why = (" (there is no validation data: split.val_size is 0)"
+                   if monitor.startswith("val_") and not with_val else did_you_mean(monitor, logged))
+            raise ConfigError(f"train.callbacks[{i}].monitor: '{monitor}' is not logged{why}; "
+                              f"logged: {', '.join(logged)}")
+
     # ------------------------------------------------------------------------ fit
     def fit(self, train: Split, val: Split | None = None) -> History:
         if train.n == 0:
             raise ValueError("fit: the training split has no rows")
+        self._check_monitors(val is not None and val.n > 0)
         train = train.to(self.device)
         val = val.to(self.device) if val is not None and val.n > 0 else None
         rank, world = self.dist.rank, self.dist.world
