@@ -118,7 +118,8 @@ def test_early_stopping_in_training_keeps_the_best_epoch():
 
 
 # ------------------------------------------------------------ model checkpoint
-@pytest.mark.parametrize("best_only,expected", [(True, [0, 1, 3]), (False, [0, 1, 2, 3, 4])])
+# The model file is written with the epoch its weights come from, counted from 1 as in the history.
+@pytest.mark.parametrize("best_only,expected", [(True, [1, 2, 4]), (False, [1, 2, 3, 4, 5])])
 def test_model_checkpoint(best_only, expected):
     saved = []
     trainer = make_trainer([{"type": "model_checkpoint", "save_best_only": best_only}], saved=saved)
@@ -130,7 +131,7 @@ def test_model_checkpoint_max_mode():
     saved = []
     trainer = make_trainer([{"type": "model_checkpoint", "monitor": "val_accuracy"}], saved=saved)
     script(trainer, [0.5, 0.4, 0.6, 0.6, 0.9], monitor="val_accuracy")
-    assert saved == [0, 2, 4]
+    assert saved == [1, 3, 5]
 
 
 # ----------------------------------------------------------------- lr schedules
