@@ -2,13 +2,20 @@
 
 Names that come from a vocabulary (activation, initializer, loss, optimizer,
 metric, callback, ...) are checked against the registries that implement them,
-so the schema can never accept a name the code would not run.
+so the schema can never accept a name the code would not run. The same goes for
+what comes with a name: an initializer's or a loss's arguments are checked against
+the function's signature and tried where that is cheap, and the optimizer is built
+once on a probe parameter, so a value training would refuse is refused here first.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
@@ -18,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,13 +45,17 @@ class Section(BaseModel):
 def _in(registry_getter):
     """A validator that canonicalizes a name through a registry (lazily imported)."""
     def check(value):
-        if value is None:
-            return value
-        registry: Registry = registry_getter()
-        name = value if isinstance(value, str) else value.get("name")
-        canonical = registry.canonical(name)
-        return canonical if isinstance(value, str) else {**value, "name": canonical}
+        return value if value is None else registry_getter().canonical(value)
     return check
+
+
+def _show(value) -> str:
+    """A value as the user wrote it in YAML: {name: constant, value: 0.3}, true, null."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value) if isinstance(value, str) else repr(value)
 
 
 def _activations():
@@ -74,6 +86,120 @@ def _optimizers():
 def _sources():
     from densepipe.data.sources import SOURCES
     return SOURCES
+
+
+# ------------------------------------------------- names with arguments (initializers, losses)
+@dataclass(frozen=True)
+class _Vocabulary:
+    """A vocabulary whose entries are written as a name or as {name: ..., **arguments}.
+
+    Which arguments an entry takes is read from the registered function's signature, less
+    the ones the code passes itself; `values` says what each accepts where a bare `float`
+    annotation cannot (a negative stddev is a float too). Validated values replace the
+    written ones, so "0.3" reaches the function as 0.3."""
+    registry: Callable[[], Registry]
+    passed_by_code: tuple[str, ...]
+    values: dict[str, TypeAdapter]
+    example: str                                  # shown when the name is missing
+
+
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+_NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_Fraction = Annotated[float, Field(ge=0, le=1)]
+
+_INITIALIZER_ARGS = _Vocabulary(_initializers, ("w", "generator"), {
+    "value": TypeAdapter(_Finite),               # constant
+    "mean": TypeAdapter(_Finite),
+    "stddev": TypeAdapter(_NonNegative),         # random_normal, truncated_normal, sparse
+    "minval": TypeAdapter(_Finite),              # random_uniform (minval <= maxval: the trial run checks)
+    "maxval": TypeAdapter(_Finite),
+    "gain": TypeAdapter(_Finite),                # orthogonal
+    "sparsity": TypeAdapter(_Fraction),          # sparse: fraction of zero rows per column
+    "scale": TypeAdapter(_Positive),             # variance_scaling: var = scale / n
+    "mode": TypeAdapter(Literal["fan_in", "fan_out", "fan_avg"]),
+    "distribution": TypeAdapter(Literal["uniform", "normal", "truncated_normal"]),
+}, "{name: constant, value: 0.1}")
+
+_LOSS_ARGS = _Vocabulary(_losses, ("raw", "target", "head"), {
+    "delta": TypeAdapter(_Positive),             # huber: where the loss turns from squared to linear
+    "label_smoothing": TypeAdapter(_Fraction),
+    "from_logits": TypeAdapter(bool | Literal["auto"]),
+}, "{name: huber, delta: 1.0}")
+
+
+def _named(vocabulary: _Vocabulary, value: str | dict) -> str | dict:
+    """Canonicalizes a name or {name: ..., **arguments}; a ValueError names what is wrong."""
+    registry: Registry = vocabulary.registry()
+    if isinstance(value, str):
+        return registry.canonical(value)
+    if "name" not in value:
+        near = next((k for k in value if did_you_mean(k, ["name"])), None)
+        hint = f" (did you mean 'name' instead of '{near}'?)" if near else ""
+        raise ValueError(f"{registry.kind} {_show(value)} has no 'name' key{hint}; write it as "
+                         f"{vocabulary.example}; names: {', '.join(registry.names())}")
+    name = registry.canonical(value["name"])
+    takes = [p for p in inspect.signature(registry[name]).parameters if p not in vocabulary.passed_by_code]
+    args, problems = {}, []
+    for key, given in value.items():
+        if key == "name":
+            continue
+        if key not in takes:
+            problems.append(f"unknown argument '{key}'{did_you_mean(key, takes)}; "
+                            f"{name} takes {', '.join(takes) or 'no arguments'}")
+        elif key in vocabulary.values:
+            try:
+                args[key] = vocabulary.values[key].validate_python(given)
+            except ValidationError as err:
+                allowed = " -- or: ".join(e["msg"] for e in err.errors())
+                problems.append(f"{key}: {allowed} (got {given!r})")
+        else:
+            args[key] = given
+    if problems:
+        raise ValueError(f"{registry.kind} {name}: {'; '.join(problems)}")
+    return {"name": name, **args}
+
+
+_WEIGHT_ROLES = {2: ("kernel", (4, 3)), 1: ("bias", (4,))}   # rank -> what it is, a small shape
+
+
+def _fill_error(spec: str | dict, rank: int) -> str | None:
+    """Why the initializer cannot fill a tensor of this rank, or None: it runs on a small one,
+    so whatever it would raise at train time (a bias given orthogonal, minval > maxval) shows here."""
+    import torch
+
+    from densepipe.nn.initializers import initialize
+    w = torch.empty(_WEIGHT_ROLES[rank][1])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch's hints about odd arguments; errors are what count
+            initialize(w, spec, torch.Generator().manual_seed(0))
+    except Exception as err:  # noqa: BLE001  (any error here is the one training would stop with)
+        return str(err) or type(err).__name__
+    return None if torch.isfinite(w).all() else "it gives non-finite values"
+
+
+def _initializer(rank: int):
+    """A validator for an initializer that fills a tensor of this rank (kernel 2, bias 1)."""
+    def check(value):
+        if value is None:
+            return value
+        spec = _named(_INITIALIZER_ARGS, value)
+        error = _fill_error(spec, rank)
+        if error:
+            role = _WEIGHT_ROLES[rank][0]
+            name = spec if isinstance(spec, str) else spec["name"]
+            if _fill_error(name, rank):   # the scheme itself, whatever its arguments
+                fit = [n for n in _initializers().names() if not _fill_error(n, rank)]
+                raise ValueError(f"initializer {name} cannot fill a {role} ({rank}-D): {error}; "
+                                 f"initializers for a {role}: {', '.join(fit)}")
+            raise ValueError(f"initializer {_show(spec)} cannot fill a {role}: {error}")
+        return spec
+    return check
+
+
+def _loss_spec(value):
+    return value if value == "auto" else _named(_LOSS_ARGS, value)
 
 
 # ------------------------------------------------------------------ data / split / scale
@@ -139,7 +265,8 @@ class DenseLayer(_Layer):
     l1: float = Field(0.0, ge=0)                 # kernel L1 penalty
     l2: float = Field(0.0, ge=0)                 # kernel L2 penalty
 
-    _init = field_validator("initializer", "bias_initializer")(_in(_initializers))
+    _init = field_validator("initializer")(_initializer(rank=2))
+    _bias_init = field_validator("bias_initializer")(_initializer(rank=1))
 
     @field_validator("activation")
     @classmethod
@@ -196,11 +323,7 @@ class OutputConfig(Section):
     weight: float = Field(1.0, ge=0)      # loss weight
     metrics: list[str] = []
 
-    @field_validator("loss")
-    @classmethod
-    def _loss(cls, v):
-        return v if v == "auto" else _in(_losses)(v)
-
+    _loss = field_validator("loss")(_loss_spec)
     _metrics = field_validator("metrics")(lambda v: [_in(_metrics)(m) for m in v])
 
 
@@ -211,7 +334,7 @@ class ModelConfig(Section):
     layers: list[LayerConfig] = Field(min_length=1)
     outputs: dict[str, OutputConfig] = {}   # graph models: node name -> its target and loss
 
-    _init = field_validator("initializer")(_in(_initializers))
+    _init = field_validator("initializer")(_initializer(rank=2))   # dense kernels
 
     def layer_names(self) -> list[str]:
         """Each layer's graph name: its `name`, else `<type>_<position>` (dense_1, dropout_2, ...)."""
@@ -248,6 +371,9 @@ class ModelConfig(Section):
 
 
 # ------------------------------------------------------------------------------ train
+_Beta = Annotated[float, Field(ge=0, lt=1)]   # a moving-average decay
+
+
 class OptimizerConfig(Section):
     name: str = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -255,7 +381,7 @@ class OptimizerConfig(Section):
     momentum: float = Field(0.0, ge=0)       # sgd / rmsprop
     nesterov: bool = False
     dampening: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)  # adam / adamw
     eps: float | None = Field(None, gt=0)    # default per optimizer
     amsgrad: bool = False
     alpha: float = Field(0.99, gt=0, lt=1)   # rmsprop smoothing
@@ -264,6 +390,31 @@ class OptimizerConfig(Section):
     initial_accumulator_value: float = Field(0.0, ge=0)
 
     _name = field_validator("name")(_in(_optimizers))
+
+    @model_validator(mode="after")
+    def _as_built(self):
+        """Builds the optimizer on a probe parameter, as training will: a combination it refuses
+        (nesterov without momentum, ...) stops here, and the values it settles on (adamw's
+        weight_decay 0.01, the momentum optimizer's 0.9, ...) are written back, so the resolved
+        config shows what training uses and builds the same optimizer again."""
+        import torch
+
+        from densepipe.train.optimizers import build_optimizer
+        try:
+            used = build_optimizer([torch.zeros(1, requires_grad=True)], self).defaults
+        except (ValueError, RuntimeError) as err:
+            # The settings the user wrote, and those the optimizer's message names.
+            shown = [k for k in type(self).model_fields if k != "name" and (
+                k in self.model_fields_set or re.search(rf"\b{k}\b", str(err), re.IGNORECASE))]
+            got = ", ".join(f"{k}: {_show(getattr(self, k))}" for k in shown)
+            raise ValueError(f"optimizer {self.name} refuses these settings: {err} (got {got})") from None
+        for key, current in self:
+            if key != "name" and key in used:
+                # Straight into __dict__: assignment would validate (and build) all over again.
+                self.__dict__[key] = (bool(used[key]) if isinstance(current, bool) else
+                                      tuple(map(float, used[key])) if isinstance(current, tuple) else
+                                      float(used[key]))
+        return self
 
 
 class ClipConfig(Section):
@@ -283,8 +434,12 @@ class CallbackConfig(Section):
 
     @model_validator(mode="after")
     def _args(self):
-        from densepipe.train.callbacks import check_callback_args
+        """Checks the callback's arguments and fills in its defaults, so the resolved config
+        shows every value the callback runs with (min_delta, mode, cooldown, ...)."""
+        from densepipe.train.callbacks import CALLBACKS, check_callback_args
         check_callback_args(self.type, self.model_extra or {})
+        args, _ = CALLBACKS[self.type]
+        self.__pydantic_extra__ = args.model_validate(self.model_extra or {}).model_dump()
         return self
 
 
@@ -295,10 +450,11 @@ class DistributedConfig(Section):
 class TrainConfig(Section):
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 128
-    optimizer: OptimizerConfig = OptimizerConfig()
+    # A factory, not a shared instance: an optimizer section is built (and filled in) per config.
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     loss: str | dict[str, Any] = "auto"      # single-output models; graph outputs set their own
     metrics: list[str] = ["auto"]            # auto: accuracy for classification, mae for regression
-    class_weight: Literal["balanced"] | dict[str, float] | None = None
+    class_weight: Literal["balanced"] | dict[str, float] | None = None  # or class label -> weight
     clip: ClipConfig = ClipConfig()
     callbacks: list[CallbackConfig] = []
     device: Literal["auto", "cpu", "cuda"] = "cpu"
@@ -308,15 +464,28 @@ class TrainConfig(Section):
     deterministic: bool = True               # same seed -> same metrics on CPU
     distributed: DistributedConfig = DistributedConfig()  # data-parallel processes (DDP)
 
-    @field_validator("loss")
-    @classmethod
-    def _loss(cls, v):
-        return v if v == "auto" else _in(_losses)(v)
+    _loss = field_validator("loss")(_loss_spec)
 
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, v):
         return [m if m == "auto" else _in(_metrics)(m) for m in v]
+
+    @field_validator("class_weight", mode="before")
+    @classmethod
+    def _class_weight(cls, v):
+        if isinstance(v, str) and v != "balanced":
+            raise ValueError(f"unknown class_weight{did_you_mean(v, ['balanced'])}; allowed: balanced, or a "
+                             f"mapping from class label to weight such as {{0: 1.0, 1: 5.0}}")
+        if not isinstance(v, dict):
+            return v
+        # YAML reads Keras' {0: 1.0, 1: 5.0} with int keys; the train stage matches keys against
+        # the class labels as text ("0", "yes"). bool is an int too, but `yes:` is no class id.
+        v = {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: w for k, w in v.items()}
+        negative = {k: w for k, w in v.items() if isinstance(w, int | float) and w < 0}
+        if negative:
+            raise ValueError(f"class weights must be >= 0, got {_show(negative)}")
+        return v
 
 
 class EvaluateConfig(Section):
@@ -343,7 +512,7 @@ class Config(Section):
     split: SplitConfig = SplitConfig()
     scale: ScaleConfig = ScaleConfig()
     model: ModelConfig
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
     mlflow: MlflowConfig = MlflowConfig()
@@ -420,6 +589,9 @@ def format_errors(err: ValidationError, model: type[BaseModel] = Config) -> str:
             tags = e["ctx"]["expected_tags"]
             hint = did_you_mean(value.get("type"), tags.replace("'", "").split(", "))
             msg = f"unknown layer type {value.get('type')!r}{hint}; allowed: {tags}"
+        elif kind == "union_tag_not_found":
+            tags = ", ".join(_LAYER_BY_TAG)
+            msg = f"a layer needs a 'type'; allowed: {tags} (got {_show(value)})"
         elif kind == "missing":
             msg = "required key is missing"
         else:
