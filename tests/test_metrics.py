@@ -108,3 +108,77 @@ def test_training_metrics_over_shuffled_uneven_batches_equal_sklearn():
                 "recall": skm.recall_score(y, pred), "f1": skm.f1_score(y, pred)}
     assert {k: logs[k] for k in expected} == pytest.approx(expected, abs=1e-12)
     assert logs["loss"] == pytest.approx(skm.log_loss(y.numpy(), prob.double().numpy()), rel=1e-5)
+
+
+# ------------------------------------------------------- precision / recall / F1 over classes
+CLASS_SCORES = [("precision", skm.precision_score), ("recall", skm.recall_score), ("f1", skm.f1_score)]
+
+
+@pytest.mark.parametrize("name,reference", CLASS_SCORES)
+@pytest.mark.parametrize("classes", [3, 10])
+def test_multiclass_scores_are_macro_averaged_as_sklearn(name, reference, classes):
+    prob = torch.softmax(torch.randn(N, classes, generator=GEN) * 2, dim=1)   # softmax head output (N, k)
+    y = torch.randint(0, classes, (N,), generator=GEN)
+    pred = prob.argmax(1).numpy()
+    expected = reference(y.numpy(), pred, labels=range(classes), average="macro", zero_division=0)
+    assert accumulate(name, prob, y) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("name,reference", CLASS_SCORES)
+def test_multiclass_scores_count_absent_classes_as_zero(name, reference):
+    # Class 4 is neither predicted nor present and class 3 is present but never predicted:
+    # both score 0 in the macro average (scikit-learn's zero_division=0 over every label).
+    logits = torch.randn(N, 5, generator=GEN)
+    logits[:, 3:] -= 100.0
+    prob = torch.softmax(logits, dim=1)
+    y = torch.randint(0, 4, (N,), generator=GEN)
+    pred = prob.argmax(1).numpy()
+    expected = reference(y.numpy(), pred, labels=range(5), average="macro", zero_division=0)
+    assert accumulate(name, prob, y) == pytest.approx(expected, abs=1e-12)
+    assert expected < reference(y.numpy(), pred, average="macro", zero_division=0)  # absent classes count
+
+
+@pytest.mark.parametrize("name,reference", CLASS_SCORES)
+def test_binary_target_on_a_two_unit_softmax_scores_the_positive_class(name, reference):
+    prob = torch.softmax(torch.randn(N, 2, generator=GEN), dim=1)             # (N, 2)
+    y = (torch.rand(N, generator=GEN) < 0.4).long()
+    expected = reference(y.numpy(), prob.argmax(1).numpy(), average="binary")
+    assert accumulate(name, prob, y) == pytest.approx(expected, abs=1e-12)
+
+
+def predicted(prob):
+    return (prob[:, 0] >= 0.5).long().numpy() if prob.shape[1] == 1 else prob.argmax(1).numpy()
+
+
+@pytest.mark.parametrize("classes", [2, 6])
+def test_test_set_scores_agree_with_the_training_metrics(classes):
+    """evaluate.py's precision / recall / f1 are the training metrics' values on the same predictions."""
+    from densepipe.evaluate import evaluate_output
+    prob = torch.softmax(torch.randn(N, classes, generator=GEN), dim=1).double()
+    y = torch.randint(0, classes, (N,), generator=GEN)
+    head = prob[:, 1:] if classes == 2 else prob                              # binary: one sigmoid unit
+    task = "binary" if classes == 2 else "multiclass"
+    test, _ = evaluate_output(task, head.numpy(), y.numpy(), {"classes": list(range(classes))})
+    average = "binary" if classes == 2 else "macro"
+    for name, reference in CLASS_SCORES:
+        expected = reference(y.numpy(), predicted(head), labels=range(classes), average=average, zero_division=0)
+        assert test[name] == pytest.approx(expected, abs=1e-12)
+        assert accumulate(name, head, y) == pytest.approx(test[name], abs=1e-12)
+
+
+def test_trainer_multiclass_scores_over_uneven_chunks_equal_sklearn_macro(monkeypatch):
+    monkeypatch.setattr(loop, "EVAL_CHUNK", 37)
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 8, "activation": "tanh"},
+                                             {"type": "dense", "units": "auto", "activation": "auto"}]},
+                        "train": {"metrics": ["accuracy", "precision", "recall", "f1"], "progress": "quiet"}})
+    spec = DataSpec({"features": 4}, {"target": TargetSpec("multiclass", 10)})
+    model = build_model(cfg.model, cfg.train, spec, seed=0)
+    x = torch.randn(500, 4, generator=GEN)
+    y = torch.randint(0, 10, (500,), generator=GEN)
+    _, values = Trainer(model, cfg.train).evaluate(Split({"features": x}, {"target": y}))
+    pred = model.predict({"features": x})["target"].argmax(1).numpy()
+    macro = {"labels": range(10), "average": "macro", "zero_division": 0}
+    expected = [skm.accuracy_score(y, pred), skm.precision_score(y, pred, **macro),
+                skm.recall_score(y, pred, **macro), skm.f1_score(y, pred, **macro)]
+    np.testing.assert_allclose([v.item() for v in values], expected, rtol=1e-12)
+    assert values[1].item() < 1.0                                            # not label 1 against label 0

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from densepipe.metrics import class_average
 from densepipe.registry import Registry
 
 EVALUATORS: Registry = Registry("task")
@@ -32,6 +33,9 @@ def _classification(prob: np.ndarray, y: np.ndarray, classes: list, threshold: f
         "f1_macro": skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0),
     }
     p, r, f, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    # The names the training metrics log, averaged over classes as they are (binary for two
+    # classes, macro for more), so train, val and test values compare like for like.
+    out.update(precision=class_average(p), recall=class_average(r), f1=class_average(f))
     out["per_class"] = {str(c): {"precision": p[i], "recall": r[i], "f1": f[i], "support": int(support[i])}
                         for i, c in enumerate(classes)}
     plots = {"confusion": pd.DataFrame({"actual": np.asarray(classes, dtype=object)[y].astype(str),

@@ -17,13 +17,21 @@ from torch import Tensor
 
 from densepipe.registry import Registry
 
+# The target tasks a metric can read, checked when the model's heads are built (a binary
+# target on a two-unit softmax is read as multiclass there). Class metrics compare predicted
+# labels with class ids. Value metrics compare the output with the target element by element,
+# which a one-unit binary head allows too: its probability against the 0/1 label (mse is the
+# Brier score); a softmax's k scores against one class id do not line up.
+CLASS_TASKS = ("binary", "multiclass")
+VALUE_TASKS = ("regression", "reconstruction", "binary")
+
 
 @dataclass(frozen=True)
 class Metric:
-    stats: Callable[[Tensor, Tensor], Tensor]   # batch -> sums (k,)
-    finish: Callable[[Tensor], Tensor]          # summed (k,) -> value
+    stats: Callable[[Tensor, Tensor], Tensor]   # batch -> sums (k,) or (k, classes / outputs)
+    finish: Callable[[Tensor], Tensor]          # summed stats -> value
     mode: str = "max"                           # which direction is better (for monitors)
-    task: str = "any"                           # classification | regression | any
+    tasks: tuple[str, ...] = CLASS_TASKS + VALUE_TASKS  # target tasks it can read
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -53,24 +61,42 @@ def _accuracy_stats(pred, target):
     return torch.stack([hits, _count(target.reshape(-1))])
 
 
-METRICS.add("accuracy", Metric(_accuracy_stats, _ratio, "max", "classification"),
+METRICS.add("accuracy", Metric(_accuracy_stats, _ratio, "max", CLASS_TASKS),
             ("acc", "binary_accuracy", "categorical_accuracy", "sparse_categorical_accuracy"))
 
 
+def _classes(pred: Tensor) -> int:
+    return max(pred.shape[-1] if pred.dim() > 1 else 1, 2)  # one unit decides between two classes
+
+
 def _confusion_stats(pred, target):
+    """Per class: hits, predicted count, true count -> (3, classes). Counts add up over steps and
+    ranks, and every per-class precision / recall / F1 follows from them. Compared against the
+    class ids rather than scattered into bins: plain sums, deterministic on every device."""
     p, t = _labels(pred), target.reshape(-1).long()
-    tp = ((p == 1) & (t == 1)).sum().double()
-    fp = ((p == 1) & (t == 0)).sum().double()
-    fn = ((p == 0) & (t == 1)).sum().double()
-    return torch.stack([tp, fp, fn])
+    classes = torch.arange(_classes(pred), device=p.device)
+    is_pred, is_true = p[:, None] == classes, t[:, None] == classes  # (N, classes) bool
+    return torch.stack([(is_pred & is_true).sum(0), is_pred.sum(0), is_true.sum(0)]).double()
 
 
-METRICS.add("precision", Metric(_confusion_stats, lambda s: s[0] / (s[0] + s[1]).clamp_min(1), "max",
-                                "classification"))
-METRICS.add("recall", Metric(_confusion_stats, lambda s: s[0] / (s[0] + s[2]).clamp_min(1), "max",
-                             "classification"))
-METRICS.add("f1", Metric(_confusion_stats, lambda s: 2 * s[0] / (2 * s[0] + s[1] + s[2]).clamp_min(1), "max",
-                         "classification"))
+def class_average(per_class):
+    """One score from per-class scores (..., classes), torch or numpy: two classes give the
+    second (positive) class's score, as scikit-learn's average="binary"; more give their mean,
+    as average="macro" over every class. Shared with the test-set metrics in evaluate.py."""
+    return per_class[..., 1] if per_class.shape[-1] == 2 else per_class.mean(-1)
+
+
+def _per_class(score: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    # clamp_min(1): a class never predicted (or never present) scores 0, scikit-learn's zero_division=0
+    return lambda s: class_average(score(s[0], s[1].clamp_min(1), s[2].clamp_min(1)))
+
+
+METRICS.add("precision", Metric(_confusion_stats, _per_class(lambda hit, npred, ntrue: hit / npred), "max",
+                                CLASS_TASKS))
+METRICS.add("recall", Metric(_confusion_stats, _per_class(lambda hit, npred, ntrue: hit / ntrue), "max",
+                             CLASS_TASKS))
+METRICS.add("f1", Metric(_confusion_stats, _per_class(lambda hit, npred, ntrue: 2 * hit / (npred + ntrue)),
+                         "max", CLASS_TASKS))
 
 
 def _abs_stats(pred, target):
@@ -96,11 +122,11 @@ def _r2_finish(s):
     return (1 - s[0] / total.clamp_min(1e-12)).mean()
 
 
-METRICS.add("mae", Metric(_abs_stats, _ratio, "min", "regression"), ("mean_absolute_error",))
-METRICS.add("mse", Metric(_sq_stats, _ratio, "min", "regression"), ("mean_squared_error",))
-METRICS.add("rmse", Metric(_sq_stats, lambda s: _ratio(s).sqrt(), "min", "regression"),
+METRICS.add("mae", Metric(_abs_stats, _ratio, "min", VALUE_TASKS), ("mean_absolute_error",))
+METRICS.add("mse", Metric(_sq_stats, _ratio, "min", VALUE_TASKS), ("mean_squared_error",))
+METRICS.add("rmse", Metric(_sq_stats, lambda s: _ratio(s).sqrt(), "min", VALUE_TASKS),
             ("root_mean_squared_error",))
-METRICS.add("r2", Metric(_r2_stats, _r2_finish, "max", "regression"), ("r2_score",))
+METRICS.add("r2", Metric(_r2_stats, _r2_finish, "max", VALUE_TASKS), ("r2_score",))
 
 DEFAULT_METRICS = {"binary": ["accuracy"], "multiclass": ["accuracy"], "regression": ["mae"]}
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from densepipe.metrics import DEFAULT_METRICS, METRICS
 from densepipe.nn.activations import resolve
 from densepipe.nn.dense import FusedDense, run_chain
 from densepipe.nn.layers import LAYERS, BuildContext
@@ -23,9 +24,6 @@ AUTO_ACTIVATION = {"binary": "sigmoid", "multiclass": "softmax", "regression": "
                    "reconstruction": "linear"}
 AUTO_LOSS = {"binary": "binary_crossentropy", "multiclass": "sparse_categorical_crossentropy",
              "regression": "mse", "reconstruction": "mse"}
-CLASSIFICATION_LOSSES = {"binary_crossentropy", "categorical_crossentropy",
-                         "sparse_categorical_crossentropy", "hinge", "squared_hinge", "perceptron",
-                         "kl_divergence"}
 
 
 @dataclass
@@ -206,25 +204,68 @@ def _output_key(head: Head, model_cfg) -> str:
     return head.node if model_cfg.outputs else head.target
 
 
+# The target tasks each loss can read (see nn/losses.py), checked before training rather than
+# left to fail inside torch. Classification targets are class ids, one per row (N,).
+ONE_UNIT = ("binary",)                    # one logit per row against 0/1 labels
+CLASS_SCORES = ("multiclass",)            # one score per class against class ids
+VALUES = ("regression", "reconstruction")  # real values, the output's own width
+LOSS_TASKS = {
+    "binary_crossentropy": ONE_UNIT,
+    "hinge": ONE_UNIT,                    # margins of one unit, labels read as -1 / +1
+    "squared_hinge": ONE_UNIT,
+    "perceptron": ONE_UNIT,
+    "sparse_categorical_crossentropy": CLASS_SCORES,
+    "categorical_crossentropy": CLASS_SCORES,  # class ids are one-hot encoded inside the loss
+    "kl_divergence": CLASS_SCORES,
+    # Element-wise value losses also fit a one-unit binary head: its probability against the
+    # 0/1 label (mse is the Brier score). A softmax's k scores do not line up with one class id.
+    "mse": VALUES + ONE_UNIT,
+    "mae": VALUES + ONE_UNIT,
+    "huber": VALUES + ONE_UNIT,
+    "log_cosh": VALUES + ONE_UNIT,
+}
+
+
+def _head_task(task: str, width: int) -> str:
+    """The task a head is checked and given defaults as: a binary target on a two-unit
+    softmax scores two classes, so it reads its labels as a multiclass head does."""
+    return "multiclass" if task == "binary" and width == 2 else task
+
+
+def _check_fits(what: str, plural: str, name: str, fits: dict[str, tuple[str, ...]], node: str,
+                target_name: str, target: TargetSpec, width: int) -> None:
+    """Raises a ValueError that names what would fit when `name` (a loss or metric) cannot read
+    the target; `fits` maps every name of its kind to the tasks it reads."""
+    task = _head_task(target.task, width)
+    if task in fits[name]:
+        return
+    units = f"{width} unit{'s' if width != 1 else ''}"
+    read_as = f", read as {task}" if task != target.task else ""
+    allowed = [n for n, tasks in fits.items() if task in tasks]
+    raise ValueError(f"output '{node}': {what} '{name}' does not fit target '{target_name}', which is "
+                     f"{target.task} ({units}{read_as}); {plural} for it: {', '.join(allowed)}")
+
+
 def _make_head(node: str, out: dict, spec: DataSpec, activation: str, width: int, train_cfg) -> Head:
     ocfg, target = out["cfg"], spec.targets[out["target"]]
-    two_class_softmax = target.task == "binary" and width == 2
-    if width != target.width and not two_class_softmax:
+    task = _head_task(target.task, width)  # a binary target may also sit on a two-unit softmax
+    if width != target.width and task == target.task:
         raise ValueError(f"output '{node}' has {width} units but target '{out['target']}' needs "
                          f"{target.width} ({target.task}); use units: auto")
     loss = ocfg.loss
     if loss == "auto":
-        loss = "perceptron" if activation == "step" else AUTO_LOSS[target.task]
+        loss = "perceptron" if activation == "step" else AUTO_LOSS[task]
     name, params = (loss, {}) if isinstance(loss, str) else (loss["name"], {k: v for k, v in loss.items()
                                                                           if k != "name"})
     name = LOSSES.canonical(name)
-    if target.task in ("regression", "reconstruction") and name in CLASSIFICATION_LOSSES:
-        raise ValueError(f"loss '{name}' needs class labels but target '{out['target']}' is {target.task}")
+    _check_fits("loss", "losses", name, LOSS_TASKS, node, out["target"], target, width)
     metrics = list(ocfg.metrics) or _default_metrics(target.task, train_cfg)
+    metric_tasks = {m: metric.tasks for m, metric in METRICS.items()}
+    for m in metrics:
+        _check_fits("metric", "metrics", METRICS.canonical(m), metric_tasks, node, out["target"], target, width)
     return Head(node, out["target"], target.task, activation, name, params, ocfg.weight, metrics)
 
 
 def _default_metrics(task: str, train_cfg) -> list[str]:
-    from densepipe.metrics import DEFAULT_METRICS
     explicit = [m for m in train_cfg.metrics if m != "auto"]
     return explicit or DEFAULT_METRICS.get(task, ["mae"])
