@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from conftest import ROOT, make_project, run_cmd
 from densepipe.config import ConfigError
 from densepipe.sweep import SweepSpec, grid_trials, load_spec, random_trials
+from densepipe.threads import available_cores
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +48,9 @@ def test_grid_sweep_runs_six_trials_from_one_command(tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 6
     assert all("test_accuracy" in c.data.metrics for c in children)
+    # The trials of the two workers share the cores rather than each taking all of them.
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, available_cores() // 2)))
+    assert {c.data.tags["densepipe.threads"] for c in children} == {threads}
     assert {c.data.params["train.optimizer.lr"] for c in children} == {"0.0003", "0.001", "0.003"}
     assert {c.data.params["model.layers.0.units"] for c in children} == {"32", "128"}
     best = max(c.data.metrics["test_accuracy"] for c in children)

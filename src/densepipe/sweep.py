@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import random
 import subprocess
 import time
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from densepipe.config import ConfigError, format_errors
 from densepipe.io import write_bytes, write_text
 from densepipe.registry import Registry
+from densepipe.threads import share_cores
 
 SAMPLERS: Registry = Registry("sweep method")
 
@@ -159,9 +161,11 @@ class Sweep:
         # stay open until they exit, so their output goes to a log file instead.
         log = self.root / ".dvc" / "tmp" / "densepipe-queue-workers.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        share_cores(env, self.spec.jobs)  # the workers' trials train side by side
         with open(log, "ab") as out:
             code = subprocess.run(["dvc", "queue", "start", "-j", str(self.spec.jobs)], cwd=self.pipeline,
-                                  stdout=out, stderr=subprocess.STDOUT).returncode
+                                  stdout=out, stderr=subprocess.STDOUT, env=env).returncode
         if code != 0:
             raise RuntimeError(f"dvc queue start failed; see {log}")
 

@@ -166,7 +166,8 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
     write_json(args.metrics, metrics)
     tracker.log_history(history.records[trainer.start_epoch:] if state is not None else history.records)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
-    tracker.set_tags({"model_summary": _summary_text(model)})
+    # The threads it trained with: samples/s compare across runs only alongside them.
+    tracker.set_tags({"model_summary": _summary_text(model), "densepipe.threads": str(torch.get_num_threads())})
     _mark_done(resume_path)
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "per_sec" not in k}
     print(f"train: {len(history)} epoch(s); {shown}")

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from densepipe.threads import share_cores
+
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # device type -> process group backend
 
 
@@ -161,8 +163,7 @@ def launch(command: list[str], nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # share the cores among ranks
+    share_cores(os.environ, nproc)
     sys.stdout.flush()
     # "--" ends torchrun's own options: it would read `--run` as an abbreviation of its `--run-path`.
     launcher = ["--standalone", f"--nproc-per-node={nproc}", "--module", "densepipe", "--"]
