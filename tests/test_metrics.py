@@ -71,14 +71,18 @@ def test_modes():
     assert metric_mode("val_width_mae") == "min" and metric_mode("val_width_rmse") == "min"
 
 
-def test_trainer_evaluate_over_uneven_chunks_equals_sklearn(monkeypatch):
-    """The trainer's own accumulation (chunks of 37 rows, a short last one) on a real model."""
-    monkeypatch.setattr(loop, "EVAL_CHUNK", 37)
+def class_scoring_model(target: TargetSpec):
+    """A small model on 4 features with every class metric, and its config."""
     cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 8, "activation": "tanh"},
                                              {"type": "dense", "units": "auto", "activation": "auto"}]},
                         "train": {"metrics": ["accuracy", "precision", "recall", "f1"], "progress": "quiet"}})
-    spec = DataSpec({"features": 4}, {"target": TargetSpec("binary", 1)})
-    model = build_model(cfg.model, cfg.train, spec, seed=0)
+    return build_model(cfg.model, cfg.train, DataSpec({"features": 4}, {"target": target}), seed=0), cfg
+
+
+def test_trainer_evaluate_over_uneven_chunks_equals_sklearn(monkeypatch):
+    """The trainer's own accumulation (chunks of 37 rows, a short last one) on a real model."""
+    monkeypatch.setattr(loop, "EVAL_CHUNK", 37)
+    model, cfg = class_scoring_model(TargetSpec("binary", 1))
     x = torch.randn(500, 4, generator=GEN)
     y = (x[:, 0] + 0.3 * torch.randn(500, generator=GEN) > 0).long()
     losses, values = Trainer(model, cfg.train).evaluate(Split({"features": x}, {"target": y}))
@@ -168,11 +172,7 @@ def test_test_set_scores_agree_with_the_training_metrics(classes):
 
 def test_trainer_multiclass_scores_over_uneven_chunks_equal_sklearn_macro(monkeypatch):
     monkeypatch.setattr(loop, "EVAL_CHUNK", 37)
-    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 8, "activation": "tanh"},
-                                             {"type": "dense", "units": "auto", "activation": "auto"}]},
-                        "train": {"metrics": ["accuracy", "precision", "recall", "f1"], "progress": "quiet"}})
-    spec = DataSpec({"features": 4}, {"target": TargetSpec("multiclass", 10)})
-    model = build_model(cfg.model, cfg.train, spec, seed=0)
+    model, cfg = class_scoring_model(TargetSpec("multiclass", 10))
     x = torch.randn(500, 4, generator=GEN)
     y = torch.randint(0, 10, (500,), generator=GEN)
     _, values = Trainer(model, cfg.train).evaluate(Split({"features": x}, {"target": y}))

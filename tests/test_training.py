@@ -284,14 +284,19 @@ def kill_after_epoch(monkeypatch, args, epoch: int) -> None:
             train_stage.run(args)
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def whole_and_killed(tmp_path, monkeypatch, capsys, epoch: int):
+    """The stage's arguments of an uninterrupted run and of one killed after `epoch`."""
     prepare_data(tmp_path, PARAMS)
     whole = stage_args(tmp_path, "whole")
     train_stage.run(whole)
-
     killed = stage_args(tmp_path, "killed")
-    kill_after_epoch(monkeypatch, killed, 3)
+    kill_after_epoch(monkeypatch, killed, epoch)
     capsys.readouterr()
+    return whole, killed
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    whole, killed = whole_and_killed(tmp_path, monkeypatch, capsys, 3)
     train_stage.run(killed)
     assert "resuming from" in capsys.readouterr().out
 
@@ -309,12 +314,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypa
 
 
 def test_resume_ignores_display_settings_but_not_training_ones(tmp_path, monkeypatch, capsys):
-    prepare_data(tmp_path, PARAMS)
-    whole = stage_args(tmp_path, "whole")
-    train_stage.run(whole)
-    killed = stage_args(tmp_path, "killed")
-    kill_after_epoch(monkeypatch, killed, 2)
-    capsys.readouterr()
+    whole, killed = whole_and_killed(tmp_path, monkeypatch, capsys, 2)
     # Another progress display and checkpoint interval: the same training, so it resumes.
     killed.set = ["train.progress=epoch", "train.checkpoint_every=2"]
     train_stage.run(killed)
