@@ -245,6 +245,19 @@ def test_reduce_on_plateau_in_training_uses_the_reduced_lr():
     assert sum("reduce on plateau" in m for m in messages) == 3
 
 
+def test_reduce_on_plateau_floor_and_message_count_other_schedules():
+    messages = []
+    trainer = make_trainer([{"type": "step_decay", "step_size": 2, "gamma": 0.5},
+                            {"type": "reduce_on_plateau", "monitor": "loss", "patience": 0, "factor": 0.5,
+                             "min_delta": 100.0, "min_lr": 2e-4}], epochs=8, lr=1e-3, messages=messages)
+    history = trainer.fit(regression_data(n=32))
+    # Plateau factors 1, 1, 0.5, then 0.4 (not 0.25: with the step's 0.5 that would be 1.25e-4 < min_lr);
+    # from epoch 5 the step decay alone takes the lr lower, as another schedule may.
+    assert history.series("lr") == pytest.approx([1e-3, 1e-3, 2.5e-4, 2e-4, 1e-4, 1e-4, 5e-5, 5e-5])
+    assert [m for m in messages if "plateau" in m] == ["reduce on plateau: lr -> 0.0005",
+                                                        "reduce on plateau: lr -> 0.0002"]
+
+
 # ----------------------------------------------------------- divergence / NaN
 DIVERGING = dict(epochs=8, lr=1e-3,
                  callbacks=[{"type": "exponential_decay", "gamma": 1e3}])  # lr x1000 per epoch

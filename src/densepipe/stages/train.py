@@ -68,6 +68,12 @@ def class_weights(cfg, pre: Preprocessor, targets: dict) -> dict[str, torch.Tens
 _NOT_IN_RESUME_KEY = ("distributed", "progress", "checkpoint_every")
 
 
+def target_units(pre: Preprocessor) -> dict[str, tuple[float, float]]:
+    """(center, scale) of each scaled regression target: the trainer's metrics undo it."""
+    return {name: (spec["center"], spec["scale"]) for name, spec in pre.targets.items()
+            if spec["task"] == "regression" and (spec["center"], spec["scale"]) != (0.0, 1.0)}
+
+
 def _resume_key(cfg, data_dir: Path) -> str:
     defaults = config_mod.TrainConfig()
     one = cfg.model_copy(update={"train": cfg.train.model_copy(
@@ -138,6 +144,7 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
 
     trainer = Trainer(model, cfg.train, seed=cfg.seed,
                       class_weights=class_weights(cfg, pre, arrays["train"][1]),
+                      target_units=target_units(pre),
                       save_model=save_model if ctx.main else None,
                       save_checkpoint=save_checkpoint if ctx.main else None)
     if state is not None:

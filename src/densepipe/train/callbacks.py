@@ -26,7 +26,8 @@ class Args(BaseModel):
 
 
 class Callback:
-    """Hooks; `trainer` exposes .model, .stop, .epochs, .save_best(epoch, logs), .log(msg)."""
+    """Hooks; `trainer` exposes .model, .stop, .epochs, .base_lr, .scheduled_lr(epoch), .save_model(epoch),
+    .log(msg)."""
 
     def __init__(self, args: Args):
         self.args = args
@@ -246,11 +247,13 @@ class ReduceOnPlateau(_Schedule):
         elif self.cooldown_left == 0:
             self.wait += 1
             if self.wait >= self.args.patience:
-                floor = self.args.min_lr / trainer.base_lr
-                new = max(self.factor * self.args.factor, floor)
+                # Other schedules' factors count too: a reduction never takes the lr itself
+                # below min_lr, and the message gives the lr with this epoch's other factors.
+                others = trainer.scheduled_lr(epoch, leave_out=self)
+                new = max(self.factor * self.args.factor, self.args.min_lr / others)
                 if new < self.factor:
                     self.factor = new
-                    trainer.log(f"reduce on plateau: lr -> {trainer.base_lr * new:.3g}")
+                    trainer.log(f"reduce on plateau: lr -> {others * new:.3g}")
                 self.cooldown_left, self.wait = self.args.cooldown, 0
 
     def lr_factor(self, epoch):

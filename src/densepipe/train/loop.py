@@ -72,10 +72,12 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 class Trainer:
     def __init__(self, model, cfg, *, seed: int = 0, class_weights: dict[str, Tensor] | None = None,
+                 target_units: dict[str, tuple[float, float]] | None = None,
                  save_model=None, save_checkpoint=None, log=print):
-        """cfg: config.TrainConfig. save_model(epoch) writes the model file with the weights after
-        that epoch, counted from 1 (checkpoint callback); save_checkpoint(state) writes the resume
-        checkpoint."""
+        """cfg: config.TrainConfig. target_units: (center, scale) per scaled regression target, so
+        metrics are in the target's own units (the loss stays in the units the model trains on).
+        save_model(epoch) writes the model file with the weights after that epoch, counted from 1
+        (checkpoint callback); save_checkpoint(state) writes the resume checkpoint."""
         self.cfg, self.model, self.seed = cfg, model, seed
         self.dist = distributed.current()
         self.device = distributed.device(cfg.device)
@@ -85,6 +87,7 @@ class Trainer:
         self.base_lr = cfg.optimizer.lr
         self.callbacks = build_callbacks(cfg.callbacks)
         self.class_weights = {k: v.to(self.device) for k, v in (class_weights or {}).items()}
+        self.target_units = dict(target_units or {})
         self._save_model, self._save_checkpoint = save_model, save_checkpoint
         self.log = log if self.dist.main else (lambda msg: None)  # rank 0 speaks for the job
         self.history = History()
@@ -106,6 +109,14 @@ class Trainer:
     # ------------------------------------------------------------ callback services
     def request_stop(self, reason: str) -> None:
         self.stop, self.stop_reason = True, reason
+
+    def scheduled_lr(self, epoch: int, leave_out=None) -> float:
+        """The epoch's lr: the base lr times every schedule's factor (but `leave_out`'s)."""
+        lr = self.base_lr
+        for cb in self.callbacks:
+            if cb is not leave_out:
+                lr *= cb.lr_factor(epoch)
+        return lr
 
     def weights_copy(self) -> dict:
         # Taken every epoch (the divergence guard's fallback): a tensor clone each, not a deepcopy.
@@ -160,8 +171,11 @@ class Trainer:
     def _metric_stats(self, raw, targets) -> list[Tensor]:
         out = []
         for name, head in self.model.heads.items():
-            pred = head.apply(raw[name].detach())
-            out += [METRICS[m].stats(pred, targets[head.target]) for m in head.metrics]
+            pred, target = head.apply(raw[name].detach()), targets[head.target]
+            if head.target in self.target_units:  # back to the user's units, as the test metrics are
+                center, scale = self.target_units[head.target]
+                pred, target = pred * scale + center, target * scale + center
+            out += [METRICS[m].stats(pred, target) for m in head.metrics]
         return out
 
     def _log_names(self) -> list[tuple[str, str, str]]:
@@ -306,9 +320,7 @@ class Trainer:
         last_good = self.weights_copy()
         progress = make_progress(self.cfg.progress if self.dist.main else "quiet", self.epochs, self.log)
         for epoch in range(self.start_epoch, self.epochs):
-            lr = self.base_lr
-            for cb in self.callbacks:
-                lr *= cb.lr_factor(epoch)
+            lr = self.scheduled_lr(epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
