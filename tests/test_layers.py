@@ -1,5 +1,5 @@
 """Every layer type against plain PyTorch: fused vs reference dense, dropout,
-batchnorm (Keras momentum), activation, gaussian noise, add / concatenate in a
+batchnorm (Keras moving statistics, batches of one row), activation, gaussian noise, add / concatenate in a
 graph model, L1/L2 penalties and the model summary table."""
 
 import re
@@ -14,6 +14,7 @@ from densepipe.nn.dense import FusedDense
 from densepipe.nn.layers import ReferenceDense
 from densepipe.nn.model import DataSpec, TargetSpec, build_model
 from densepipe.summary import render_summary
+from densepipe.train.loop import Split, Trainer
 
 REG3 = DataSpec({"features": 8}, {"target": TargetSpec("regression", 3)})
 
@@ -93,28 +94,74 @@ def test_dropout_scales_kept_units_in_training_and_is_identity_in_eval():
 
 
 # -------------------------------------------------------------------- batchnorm
-def test_batchnorm_matches_torch_with_keras_momentum():
-    momentum, eps = 0.9, 1e-3                        # Keras: running = 0.9 * running + 0.1 * batch
+def _batchnorm(momentum=0.99, eps=1e-3, width=8):
     model = build([{"type": "batchnorm", "momentum": momentum, "epsilon": eps},
-                   {"type": "dense", "units": "auto"}])
-    bn = model.layers["batchnorm_1"]
+                   {"type": "dense", "units": "auto"}], DataSpec({"features": width}, REG3.targets))
+    return model.layers["batchnorm_1"]
+
+
+def test_batchnorm_matches_torch_with_keras_moving_statistics():
+    momentum, eps = 0.9, 1e-3          # Keras: moving = 0.9 * moving + 0.1 * batch statistic
+    bn = _batchnorm(momentum, eps)
     ref = torch.nn.BatchNorm1d(8, eps=eps, momentum=1 - momentum)
     gen = torch.Generator().manual_seed(0)
-    running = torch.zeros(8)
+    mean, var = torch.zeros(8), torch.ones(8)
     bn.train()
     ref.train()
     for _ in range(4):
         x = torch.randn(64, 8, generator=gen) * 3 + 2
-        torch.testing.assert_close(bn(x), ref(x))
-        running = momentum * running + (1 - momentum) * x.mean(0)  # the Keras formula
+        torch.testing.assert_close(bn(x), ref(x))                      # normalised as torch does
+        mean = momentum * mean + (1 - momentum) * x.mean(0)            # the Keras formulas: the
+        var = momentum * var + (1 - momentum) * x.var(0, unbiased=False)  # biased batch variance
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
-    torch.testing.assert_close(bn.running_var, ref.running_var)
-    torch.testing.assert_close(bn.running_mean, running)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    assert bn.num_batches_tracked.item() == 4
+    assert bn.state_dict().keys() == ref.state_dict().keys()           # checkpoints keep their layout
     bn.eval()
-    ref.eval()
     x = torch.randn(16, 8, generator=gen)
-    torch.testing.assert_close(bn(x), ref(x))
-    torch.testing.assert_close(bn(x), (x - running) / torch.sqrt(bn.running_var + eps))
+    expected = (x - mean) / torch.sqrt(var + eps) * bn.weight + bn.bias
+    torch.testing.assert_close(bn(x), expected)
+
+
+def test_batchnorm_moving_variance_is_the_biased_batch_variance():
+    bn = _batchnorm(momentum=0.5, width=1)
+    bn.train()
+    bn(torch.tensor([[0.0], [2.0], [4.0], [6.0]]))                    # mean 3, biased variance 5
+    torch.testing.assert_close(bn.running_mean, torch.tensor([0.5 * 0 + 0.5 * 3.0]))
+    torch.testing.assert_close(bn.running_var, torch.tensor([0.5 * 1 + 0.5 * 5.0]))  # 3.0, not 3.833
+
+
+def test_batchnorm_trains_on_a_batch_of_one_row():
+    momentum, eps = 0.9, 1e-3
+    bn = _batchnorm(momentum, eps, width=3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    bn.train()
+    x = torch.tensor([[1.5, -2.0, 4.0]], requires_grad=True)           # (1, 3)
+    y = bn(x)
+    # Keras: the batch mean is the row and its variance 0, so the row normalises to 0 -> beta.
+    torch.testing.assert_close(y, bn.bias.detach().unsqueeze(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, (1 - momentum) * x.detach()[0])
+    torch.testing.assert_close(bn.running_var, torch.full((3,), momentum * 1.0))
+    y.sum().backward()
+    torch.testing.assert_close(bn.bias.grad, torch.ones(3))
+    torch.testing.assert_close(bn.weight.grad, torch.zeros(3), rtol=0, atol=1e-4)
+    torch.testing.assert_close(x.grad, torch.zeros(1, 3), rtol=0, atol=1e-4)
+
+
+def test_a_batchnorm_model_trains_through_a_last_batch_of_one_row():
+    model = build([{"type": "dense", "units": 8, "activation": "relu"}, {"type": "batchnorm"},
+                   {"type": "dense", "units": "auto"}])
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(9, 8, generator=gen), torch.randn(9, 3, generator=gen)  # batches of 8 and 1
+    train = config.parse({"model": {"layers": [{"type": "dense", "units": "auto"}]},
+                          "train": {"epochs": 2, "batch_size": 8, "progress": "quiet"}}).train
+    history = Trainer(model, train).fit(Split({"features": x}, {"target": y}))
+    assert model.layers["batchnorm_2"].num_batches_tracked.item() == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert history is not None
 
 
 # ------------------------------------------------------------------- activation

@@ -91,11 +91,34 @@ def build_dropout(cfg, widths, ctx):
     return nn.Dropout(cfg.rate), _single(widths, "dropout")
 
 
+class BatchNorm(nn.BatchNorm1d):
+    """nn.BatchNorm1d (same parameters, buffers and state_dict keys) trained as Keras trains
+    it: the moving variance follows the batch's biased variance (torch's uses the unbiased
+    one), and a batch of one row trains (mean = the row, variance 0, output = beta) where
+    torch refuses it, as the last batch of an epoch may hold a single row."""
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, C)
+        if not self.training:
+            return super().forward(x)
+        # The op under F.batch_norm, which skips its batch-size check; the running
+        # statistics are left to the Keras update below.
+        out = torch.batch_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps,
+                               torch.backends.cudnn.enabled)
+        if x.shape[0] > 0:  # an empty batch (a DDP rank with no rows this step) has no statistics
+            with torch.no_grad():
+                dims = [d for d in range(x.dim()) if d != 1]           # every axis but the channels
+                var, mean = torch.var_mean(x, dims, correction=0)       # (C,), (C,): biased, as Keras
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+                self.num_batches_tracked.add_(1)
+        return out
+
+
 @LAYERS.register("batchnorm", "batch_normalization")
 def build_batchnorm(cfg, widths, ctx):
     w = _single(widths, "batchnorm")
     # Keras' momentum m keeps m of the running value; torch's momentum is the new batch's share.
-    return nn.BatchNorm1d(w, eps=cfg.epsilon, momentum=1.0 - cfg.momentum), w
+    return BatchNorm(w, eps=cfg.epsilon, momentum=1.0 - cfg.momentum), w
 
 
 class GaussianNoise(nn.Module):

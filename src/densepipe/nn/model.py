@@ -3,7 +3,8 @@ is the Sequential special case), named inputs, and one head per output.
 
 An output's head activation (sigmoid, softmax, step) is split off its last
 layer: the network returns logits, losses read them (stable log-sum-exp), and
-`predict` applies the head.
+`predict` applies the head. Layers that read an output get its activated value,
+as in Keras, where the activation is part of the output layer.
 """
 
 from __future__ import annotations
@@ -70,22 +71,37 @@ class DenseModel(nn.Module):
         self.layers = nn.ModuleDict(modules)
         self._outputs = {h.node for h in heads.values()}
         self._runs = _runs(nodes, modules, self._outputs)
+        # Outputs with a split-off head that other layers read: those readers need the head applied.
+        read = {i for node in nodes for i in node.inputs}
+        self._activated = {h.node: h for h in heads.values() if h.node in read and h.activation != "linear"}
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw outputs (before head activations), keyed by output name."""
-        env = dict(inputs)
+        env, raw = dict(inputs), {}
         for run in self._runs:
             layers = [self.layers[node.name] for node in run]
             if len(run) > 1 and all(isinstance(m, FusedDense) and m.chainable() for m in layers):
                 env[run[-1].name] = run_chain(layers, env[run[0].inputs[0]])
-                continue
-            for node, layer in zip(run, layers, strict=True):
-                env[node.name] = layer(*(env[i] for i in node.inputs))
-        return {name: env[h.node] for name, h in self.heads.items()}
+            else:
+                for node, layer in zip(run, layers, strict=True):
+                    env[node.name] = layer(*(env[i] for i in node.inputs))
+            # An output ends its run (see _runs), so only a run's last node can need its head.
+            last = run[-1].name
+            if last in self._activated:
+                raw[last] = env[last]
+                env[last] = self._activated[last].apply(env[last])
+        return {name: raw.get(h.node, env[h.node]) for name, h in self.heads.items()}
 
     @torch.no_grad()
     def predict(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        raw = self(inputs)
+        """Head-activated outputs, computed in inference mode (dropout and noise off, batchnorm
+        on its moving statistics) as Keras' predict is; the model's mode is restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            raw = self(inputs)
+        finally:
+            self.train(was_training)
         return {name: self.heads[name].apply(r) for name, r in raw.items()}
 
     def penalty(self) -> Tensor | None:
@@ -196,7 +212,21 @@ def build_model(model_cfg, train_cfg, spec: DataSpec, seed: int = 0) -> DenseMod
         prev = name
         if name in outputs:
             heads[name] = _make_head(name, outputs[name], spec, head_act or "linear", width, train_cfg)
+    _check_every_layer_feeds_an_output(nodes, set(heads))
     return DenseModel(nodes, modules, {_output_key(h, model_cfg): h for h in heads.values()}, spec.inputs)
+
+
+def _check_every_layer_feeds_an_output(nodes: list[Node], outputs: set[str]) -> None:
+    """A layer no output depends on gets no gradient (it would break training) and would be
+    counted in the summary, so it is refused; only graphs can hold one."""
+    needed = set(outputs)
+    for node in reversed(nodes):  # readers come after what they read
+        if node.name in needed:
+            needed.update(node.inputs)
+    for i, node in enumerate(nodes):
+        if node.name not in needed:
+            raise ValueError(f"model.layers[{i}] '{node.name}' feeds no output; "
+                             "remove it or list it under model.outputs")
 
 
 def _output_key(head: Head, model_cfg) -> str:
