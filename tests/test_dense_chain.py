@@ -250,8 +250,9 @@ def test_runs_chain_only_layers_read_by_their_successor_alone():
         {"type": "dense", "name": "right", "units": 4, "inputs": ["trunk"]},
         {"type": "dense", "name": "head2", "units": 1, "inputs": ["right"]},
         {"type": "dense", "name": "after", "units": 1, "inputs": ["head2"]},
-    ], spec=DataSpec({"features": 8}, {"y1": TargetSpec("regression", 2), "y2": TargetSpec("regression", 1)}),
-        outputs={"head1": {"target": "y1"}, "head2": {"target": "y2"}})
+    ], spec=DataSpec({"features": 8}, {"y1": TargetSpec("regression", 2), "y2": TargetSpec("regression", 1),
+                                       "y3": TargetSpec("regression", 1)}),
+        outputs={"head1": {"target": "y1"}, "head2": {"target": "y2"}, "after": {"target": "y3"}})
     assert _runs(graph) == [["a", "trunk"], ["left", "head1"], ["right", "head2"], ["after"]]
     ref = _model([dense, dense, {"type": "dense", "units": "auto"}], kernels="reference")
     assert _runs(ref) == [["dense_1"], ["dense_2"], ["dense_3"]]  # plain torch layers are not chained
