@@ -74,6 +74,12 @@ BAD_DATA = {
         "column 'a' is numeric but row 5 holds 'abc'"),
     "one class": (lambda p: _good_frame().assign(y="yes").to_csv(p / "data.csv", index=False),
                   "has a single class ('yes')"),
+    "one numeric class": (lambda p: _good_frame().assign(y=1).to_csv(p / "data.csv", index=False),
+                          "target column 'y' has a single class (1); classification needs at least two"),
+    "a class with one row": (lambda p: _good_frame().assign(y=[0, 1] * 30).assign(
+        y=lambda f: f["y"].where(f.index != 7, 2)).to_csv(p / "data.csv", index=False),
+        "class 2 of 'y' has a single row; stratified splitting needs at least two per class "
+        "(or set split.stratify: false)"),
     "too few rows": (lambda p: _good_frame(4).assign(y=["yes", "no"] * 2).to_csv(p / "data.csv", index=False),
                      "too few rows to split"),
     "inf values": (lambda p: _good_frame().assign(b=np.inf).to_csv(p / "data.csv", index=False),
@@ -101,6 +107,22 @@ def test_missing_values_without_imputation(good_split):
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     _fails(path, "scale", message="column 'a' has 1 missing value(s) and scale.impute is 'none'")
     assert _digest(path / "data/processed") == processed_before
+
+
+def test_a_column_without_any_value_cannot_be_imputed(good_split):
+    path, _, processed_before = good_split
+    _good_frame().assign(a=np.nan).to_csv(path / "data.csv", index=False)
+    densepipe("split", "--params", "params.yaml", cwd=path)
+    n_train = len(pd.read_parquet(path / "data/split/train.parquet"))
+    _fails(path, "scale", message=f"column 'a' has no values: all {n_train} training row(s) are missing, "
+           "so scale.impute 'mean' has nothing to impute from; drop the column (list it in data.drop) "
+           "or fill it in the data")
+    assert _digest(path / "data/processed") == processed_before
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["data"]["drop"] = ["a"]
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    densepipe("split", "--params", "params.yaml", cwd=path)
+    densepipe("scale", "--params", "params.yaml", cwd=path)
 
 
 def test_missing_values_are_imputed_by_default(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from densepipe import config as config_mod
 from densepipe.data.preprocess import Preprocessor
-from densepipe.io import write_with
+from densepipe.io import write_bytes
 from densepipe.nn.model import DataSpec, DenseModel, TargetSpec, build_model
 
 MODEL_FORMAT = "densepipe-model/1"
@@ -22,6 +23,16 @@ RESUME_FORMAT = "densepipe-resume/1"
 
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def save_blob(path, blob) -> None:
+    """torch.save, byte for byte the same for the same blob: torch names the archive's root
+    folder after the file it writes to, and the atomic write's temp name is random, so
+    saving to a file would make every run's bytes differ (and DVC re-run what follows).
+    A buffer gets the fixed root name 'archive'."""
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def config_hash(cfg: config_mod.Config, *sections: str) -> str:
@@ -40,7 +51,7 @@ def save_model(path, model: DenseModel, cfg: config_mod.Config, pre: Preprocesso
         "spec": json.dumps(dataclasses.asdict(spec)),
         "epoch": epoch,
     }
-    write_with(path, lambda p: torch.save(blob, p))
+    save_blob(path, blob)
 
 
 @dataclasses.dataclass
@@ -71,7 +82,7 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
 def save_resume(path, state: dict, key: str) -> None:
     blob = {"format": RESUME_FORMAT, "key": key, **state,
             "model": _cpu(state["model"])}
-    write_with(path, lambda p: torch.save(blob, p))
+    save_blob(path, blob)
 
 
 def load_resume(path, key: str) -> dict | None:

@@ -54,11 +54,17 @@ def show_config(argv):
 def summary(argv):
     """A Keras-like table of the model: layer, output shape, parameters."""
     p = argparse.ArgumentParser(prog="densepipe summary")
-    p.add_argument("params", nargs="?", default="params.yaml")
+    # --params as every stage takes it; the positional form is kept for existing scripts.
+    p.add_argument("params", nargs="?", default=None)
+    p.add_argument("--params", dest="params_option", default=None, metavar="PARAMS",
+                   help="the pipeline's params file (default: params.yaml)")
     p.add_argument("--data", default="data/processed", help="processed data (for input/output widths)")
     args = p.parse_args(argv)
+    if args.params and args.params_option and args.params != args.params_option:
+        p.error(f"two params files given: {args.params} and --params {args.params_option}; give one")
+    params = args.params_option or args.params or "params.yaml"
     from densepipe.summary import model_for_summary, render_summary
-    print(render_summary(model_for_summary(args.params, args.data)))
+    print(render_summary(model_for_summary(params, args.data)))
 
 
 @command("predict")

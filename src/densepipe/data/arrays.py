@@ -18,7 +18,14 @@ DEFAULT_INPUT = "features"
 
 def save_arrays(path: str | Path, features: np.ndarray, targets: dict[str, np.ndarray]) -> None:
     arrays = {"X": features, **{f"y:{k}": v for k, v in targets.items()}}
-    write_with(path, lambda p: np.savez(open(p, "wb"), **arrays))
+    write_with(path, lambda p: _savez(p, arrays))
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    # An open file, not the path: np.savez would append ".npz" to the temp name. Closed
+    # here so every byte is on disk before the rename.
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_arrays(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:

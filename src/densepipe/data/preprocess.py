@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from densepipe.data.sources import DataError
+from densepipe.data.sources import DataError, shown
 from densepipe.io import write_text
 
 RECONSTRUCTION = "reconstruction"  # the target name of autoencoders: the features themselves
@@ -30,10 +30,16 @@ def _center_scale(values: np.ndarray, how: str) -> tuple[float, float]:
     return c, (s if s > 1e-12 else 1.0)  # a constant column stays finite
 
 
-def _impute_value(values: pd.Series, how: str) -> float | str | None:
+def _impute_value(values: pd.Series, how: str, setting: str | None = None) -> float | str | None:
+    """The fill value for `values` by strategy `how`; `setting` is the scale.impute the user
+    wrote, when it differs (categorical columns use most_frequent for any strategy)."""
     present = values.dropna()
-    if how == "none" or present.empty:
+    if how == "none":
         return None
+    if present.empty:  # nothing to compute a fill value from: say so now, not as "missing values" later
+        raise DataError(f"column '{values.name}' has no values: all {len(values)} training row(s) are "
+                        f"missing, so scale.impute '{setting or how}' has nothing to impute from; drop the column "
+                        "(list it in data.drop) or fill it in the data")
     if how == "median" and pd.api.types.is_numeric_dtype(present):
         return float(present.median())
     if how == "mean" and pd.api.types.is_numeric_dtype(present):
@@ -84,7 +90,7 @@ class Preprocessor:
     @staticmethod
     def _fit_categorical(frame: pd.DataFrame, name: str, cfg, target: str | None, tasks) -> dict:
         col = frame[name].astype("string")
-        fill = _impute_value(col, "most_frequent" if cfg.impute != "none" else "none")
+        fill = _impute_value(col, "most_frequent" if cfg.impute != "none" else "none", cfg.impute)
         cats = sorted(col.dropna().unique().tolist())
         spec = {"kind": "categorical", "encoding": cfg.categorical, "fill": fill, "categories": cats}
         if cfg.categorical == "onehot":
@@ -187,7 +193,7 @@ class Preprocessor:
                 codes = np.array([lookup.get(str(v), -1) for v in y.tolist()], dtype=np.int64)
                 if (codes < 0).any():
                     bad = y.tolist()[int(np.argmax(codes < 0))]
-                    raise DataError(f"target '{name}' holds {bad!r}, a class not seen in training; "
+                    raise DataError(f"target '{name}' holds {shown(bad)}, a class not seen in training; "
                                     f"classes: {spec['classes']}")
                 out[name] = codes
             else:

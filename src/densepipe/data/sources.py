@@ -18,6 +18,12 @@ class DataError(ValueError):
     """A problem with the data itself, phrased for the user."""
 
 
+def shown(value) -> str:
+    """A data value as the user would write it in a message: 1 and 'yes', not
+    numpy's np.int64(1) or np.str_('yes')."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _bundled(loader_name: str, label_names: bool):
     def load(cfg):
         from sklearn import datasets  # imported on use: stages that read no source skip its import time

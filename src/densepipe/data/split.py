@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
-from densepipe.data.sources import DataError
+from densepipe.data.sources import DataError, shown
 
 MAX_CLASSES_FOR_INT_TARGET = 20  # integer targets with at most this many values are classes
 
@@ -56,7 +56,7 @@ def check_table(frame: pd.DataFrame, targets: list[str], task: str) -> dict[str,
                             "rows without a target cannot be trained on")
         tasks[t] = detect_task(frame[t], "regression" if task == "reconstruction" else task)
         if tasks[t] in ("binary", "multiclass") and frame[t].nunique() < 2:
-            raise DataError(f"target column '{t}' has a single class ({frame[t].iloc[0]!r}); "
+            raise DataError(f"target column '{t}' has a single class ({shown(frame[t].iloc[0])}); "
                             "classification needs at least two")
     return tasks
 
@@ -75,7 +75,7 @@ def split_frame(frame: pd.DataFrame, targets: list[str], tasks: dict[str, str], 
                         + "; add rows or change split.test_size / split.val_size")
     if labels is not None and labels.value_counts().min() < 2:
         rare = labels.value_counts().idxmin()
-        raise DataError(f"class {rare!r} of '{strat_col}' has a single row; stratified splitting needs "
+        raise DataError(f"class {shown(rare)} of '{strat_col}' has a single row; stratified splitting needs "
                         "at least two per class (or set split.stratify: false)")
     try:
         rest, test = train_test_split(frame, test_size=cfg.test_size, random_state=seed,

@@ -30,9 +30,12 @@ def add_arguments(p) -> None:
     p.add_argument("--run", default="models/run.json")
 
 
-def evaluate_model(loaded, features, targets) -> tuple[dict, dict[str, pd.DataFrame], dict]:
-    """Metrics and plot tables per output, and the raw metrics (with plot-only entries)."""
-    pre, threshold = loaded.preprocessor, loaded.config.evaluate.threshold
+def evaluate_model(loaded, features, targets, threshold: float | None = None
+                   ) -> tuple[dict, dict[str, pd.DataFrame], dict]:
+    """Metrics and plot tables per output, and the raw metrics (with plot-only entries).
+    `threshold` defaults to the one saved with the model."""
+    pre = loaded.preprocessor
+    threshold = loaded.config.evaluate.threshold if threshold is None else threshold
     outs = model_outputs(loaded, features)
     many = len(outs) > 1
     metrics, plots, full = {}, {}, {}
@@ -79,19 +82,22 @@ def embedding_table(loaded, features, raw: pd.DataFrame, layer: str) -> pd.DataF
 
 
 def run(args) -> None:
-    load_params(args)  # a bad params file stops here, before any output is touched
+    # The evaluate section comes from the current params, not from the config saved in the
+    # model file: DVC re-runs only this stage when evaluate.* changes, so the change must
+    # show. The architecture and preprocessing still come from the model file.
+    settings = load_params(args).evaluate  # a bad params file stops here, before any output is touched
     loaded = load_model(args.model)
     features, targets = load_arrays(Path(args.data) / "test.npz")
-    metrics, plots, full = evaluate_model(loaded, features, targets)
+    metrics, plots, full = evaluate_model(loaded, features, targets, settings.threshold)
     write_json(args.metrics, metrics)
     write_json(Path(args.plots) / "metrics_full.json", full)
     for name, table in plots.items():
         write_with(Path(args.plots) / f"{name}.csv", lambda p, t=table: t.to_csv(p, index=False))
     raw = pd.read_parquet(Path(args.split) / "test.parquet")
-    if loaded.config.evaluate.embedding_layer:
-        table = embedding_table(loaded, features, raw, loaded.config.evaluate.embedding_layer)
+    if settings.embedding_layer:
+        table = embedding_table(loaded, features, raw, settings.embedding_layer)
         write_with(Path(args.plots) / "embedding.csv", lambda p: table.to_csv(p, index=False))
-    predictions = predict_frame(loaded, raw)
+    predictions = predict_frame(loaded, raw, settings.threshold)
     shown = pd.concat([raw.reset_index(drop=True), predictions.reset_index(drop=True)], axis=1)
     write_with(args.predictions, lambda p: shown.to_csv(p, index=False))
     tracker = tracking.open_run(args.run)
@@ -103,6 +109,8 @@ def run(args) -> None:
     if tracker.enabled:
         from densepipe.serving import log_model
         features_only = raw.drop(columns=[c for c in loaded.preprocessor.targets if c in raw.columns])
+        # The served model decides with the threshold saved in the model file, so the
+        # example output shows that one.
         log_model(tracker, args.model, features_only, predict_frame(loaded, features_only.head(5)))
     headline = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     print(f"evaluate: test {headline if headline else metrics}")

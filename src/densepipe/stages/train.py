@@ -181,8 +181,7 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
 
 
 def _mark_done(path: Path) -> None:
-    from densepipe.io import write_with
-    write_with(path, lambda p: torch.save(_DONE, p))
+    ckpt.save_blob(path, _DONE)
 
 
 def _open_tracker(cfg, run_file: str, state: dict | None) -> tracking.Tracker:
