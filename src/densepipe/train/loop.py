@@ -307,9 +307,10 @@ class Trainer:
     def fit(self, train: Split, val: Split | None = None) -> History:
         if train.n == 0:
             raise ValueError("fit: the training split has no rows")
-        self._check_monitors(val is not None and val.n > 0)
+        val = val if val is not None and val.n > 0 else None  # an empty split validates nothing
+        self._check_monitors(val is not None)
         train = train.to(self.device)
-        val = val.to(self.device) if val is not None and val.n > 0 else None
+        val = val.to(self.device) if val is not None else None
         rank, world = self.dist.rank, self.dist.world
         shard = distributed.shard(train.n, self.cfg.batch_size, rank, world, self.device)
         val_part = val.rows(*distributed.block(val.n, rank, world)) if val is not None else None
