@@ -245,3 +245,18 @@ def test_constructor_signature_is_torchs(name):
         return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
 
     assert shape(dopt.OPTIMIZERS[name]) == shape(TORCH[name])
+
+
+def test_building_an_optimizer_does_not_load_the_compiler():
+    # Every pipeline stage builds one to check train.optimizer; torch's add_param_group would
+    # import torch._dynamo on first use, about a second of start-up each time.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, densepipe.optim as o\n"
+            "opt = o.Adam([torch.zeros(1, requires_grad=True)])\n"
+            "opt.add_param_group({'params': [torch.zeros(2, requires_grad=True)], 'lr': 0.1})\n"
+            "assert len(opt.param_groups) == 2 and opt.param_groups[1]['betas'] == (0.9, 0.999)\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

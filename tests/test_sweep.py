@@ -28,17 +28,21 @@ def _project_with(tmp_path, name: str, epochs: int):
     return make_project(proj)
 
 
-def test_grid_sweep_runs_six_trials_from_one_command(tmp_path):
+def test_grid_sweep_runs_every_trial_from_one_command(tmp_path):
     from mlflow.tracking import MlflowClient
 
     proj = _project_with(tmp_path, "sweep", epochs=2)
+    # Two learning rates instead of the example's three: a 2 x 2 grid still gives each worker
+    # two trials, at two thirds of the time.
+    spec = proj / "pipelines" / "sweep" / "sweep.yaml"
+    spec.write_text(spec.read_text().replace("[0.0003, 0.001, 0.003]", "[0.001, 0.003]"))
     # A baseline whose split and scale are in the DVC cache: trials restore them instead of re-running.
     run_cmd(["dvc", "repro", "pipelines/sweep/dvc.yaml:scale"], cwd=proj)
     run_cmd(["git", "add", "-A"], cwd=proj)
     run_cmd(["git", "commit", "-qm", "baseline data"], cwd=proj)
     out = run_cmd(["densepipe", "sweep", "pipelines/sweep/sweep.yaml", "--pipeline", "pipelines/sweep"],
                   cwd=proj, timeout=900)
-    assert "sweep: 6 trials" in out.stdout
+    assert "sweep: 4 trials" in out.stdout
     client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gallery-sweep")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`densepipe.kind` = 'sweep'")
@@ -46,12 +50,12 @@ def test_grid_sweep_runs_six_trials_from_one_command(tmp_path):
     parent = parents[0]
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 6
+    assert len(children) == 4
     assert all("test_accuracy" in c.data.metrics for c in children)
     # The trials of the two workers share the cores rather than each taking all of them.
-    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, available_cores() // 2)))
+    threads = os.environ.get("OMP_NUM_THREADS", "").strip() or str(max(1, available_cores() // 2))
     assert {c.data.tags["densepipe.threads"] for c in children} == {threads}
-    assert {c.data.params["train.optimizer.lr"] for c in children} == {"0.0003", "0.001", "0.003"}
+    assert {c.data.params["train.optimizer.lr"] for c in children} == {"0.001", "0.003"}
     assert {c.data.params["model.layers.0.units"] for c in children} == {"32", "128"}
     best = max(c.data.metrics["test_accuracy"] for c in children)
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best)
@@ -59,7 +63,7 @@ def test_grid_sweep_runs_six_trials_from_one_command(tmp_path):
     assert {"sweep/trials.csv", "sweep/trials.md", "sweep/trials.png"} <= summary
     shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], cwd=proj / "pipelines" / "sweep").stdout)
     text = json.dumps(shown)
-    assert text.count('"lr-units-') >= 6
+    assert text.count('"lr-units-') >= 4
     assert "test.json" in text and "units" in text
 
 

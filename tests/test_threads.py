@@ -18,3 +18,11 @@ def test_a_thread_count_the_user_set_is_kept():
     env = {"OMP_NUM_THREADS": "7"}
     share_cores(env, 2)
     assert env == {"OMP_NUM_THREADS": "7"}
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_thread_count_counts_as_unset(blank):
+    # OpenMP takes every core when the variable is empty, so it must be filled in like a missing one.
+    env = {"OMP_NUM_THREADS": blank}
+    share_cores(env, 2)
+    assert env["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2))

@@ -11,9 +11,11 @@ def available_cores() -> int:
 
 
 def share_cores(env: dict[str, str] | os._Environ, processes: int) -> None:
-    """Sets OMP_NUM_THREADS in env so that `processes` of ours split the cores, unless it is set.
+    """Sets OMP_NUM_THREADS in env so that `processes` of ours split the cores, unless it is set
+    (an empty value counts as unset, as OpenMP reads it).
 
     torch starts one OpenMP thread per core in every process. When the threads of several
     processes outnumber the cores, each parallel region waits for a thread that is not running:
     two trainings of 2 threads each on 2 cores ran about 25 times slower than two of 1 thread."""
-    env.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // processes)))
+    if not env.get("OMP_NUM_THREADS", "").strip():
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // processes))

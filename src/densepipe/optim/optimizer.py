@@ -93,6 +93,13 @@ def _observed_only_when_watched(step: Callable) -> Callable:
     return wrapper
 
 
+# torch.optim's add_param_group without its torch.compile guard: the guard imports torch._dynamo
+# on first use, about a second of start-up for every process that builds an optimizer (each
+# pipeline stage validates the optimizer settings by building one), and nothing here compiles it.
+_add_param_group = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__",
+                           torch.optim.Optimizer.add_param_group)
+
+
 class FusedOptimizer(torch.optim.Optimizer, abc.ABC):
     """Subclasses define `_init_state(group, p)` (a fresh state dict with a "step"
     counter) and `_step(group, params, grads, states, step)`: one kernel call for a
@@ -124,7 +131,7 @@ class FusedOptimizer(torch.optim.Optimizer, abc.ABC):
                         self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        _add_param_group(self, param_group)
         validate_group(self.param_groups[-1])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
