@@ -119,17 +119,25 @@ def test_early_stopping_in_training_keeps_the_best_epoch():
 
 # ------------------------------------------------------------ model checkpoint
 # The model file is written with the epoch its weights come from, counted from 1 as in the history.
-@pytest.mark.parametrize("best_only,expected", [(True, [1, 2, 4]), (False, [1, 2, 3, 4, 5])])
-def test_model_checkpoint(best_only, expected):
+@pytest.mark.parametrize("args,expected", [
+    ({"save_best_only": True}, [1, 2, 4]),
+    ({"save_best_only": False}, [1, 2, 3, 4, 5]),
+    ({}, [1, 2, 3, 4, 5]),  # Keras' default: every epoch
+    # only values better than the threshold count, as Keras' initial_value_threshold
+    ({"save_best_only": True, "initial_value_threshold": 0.85}, [2, 4]),
+    ({"save_best_only": True, "initial_value_threshold": 0.5}, []),
+])
+def test_model_checkpoint(args, expected):
     saved = []
-    trainer = make_trainer([{"type": "model_checkpoint", "save_best_only": best_only}], saved=saved)
+    trainer = make_trainer([{"type": "model_checkpoint", **args}], saved=saved)
     script(trainer, [1.0, 0.8, 0.9, 0.7, 0.75])
     assert saved == expected
 
 
 def test_model_checkpoint_max_mode():
     saved = []
-    trainer = make_trainer([{"type": "model_checkpoint", "monitor": "val_accuracy"}], saved=saved)
+    trainer = make_trainer([{"type": "model_checkpoint", "monitor": "val_accuracy", "save_best_only": True}],
+                           saved=saved)
     script(trainer, [0.5, 0.4, 0.6, 0.6, 0.9], monitor="val_accuracy")
     assert saved == [1, 3, 5]
 
@@ -256,6 +264,30 @@ def test_reduce_on_plateau_floor_and_message_count_other_schedules():
     assert history.series("lr") == pytest.approx([1e-3, 1e-3, 2.5e-4, 2e-4, 1e-4, 1e-4, 5e-5, 5e-5])
     assert [m for m in messages if "plateau" in m] == ["reduce on plateau: lr -> 0.0005",
                                                         "reduce on plateau: lr -> 0.0002"]
+
+
+def test_reduce_on_plateau_after_another_schedule_reached_zero():
+    # The cosine's factor is 0 from epoch t_max on: the floor min_lr / 0 must not be taken.
+    trainer = make_trainer([{"type": "cosine", "t_max": 3},
+                            {"type": "reduce_on_plateau", "monitor": "loss", "patience": 0, "factor": 0.5,
+                             "min_delta": 100.0}], epochs=6)
+    history = trainer.fit(regression_data(n=32))
+    assert history.series("lr")[3:] == [0.0, 0.0, 0.0]
+    assert trainer.callbacks[1].factor == pytest.approx(0.5 ** 5)
+
+
+@pytest.mark.parametrize("callback", ["early_stopping", "model_checkpoint", "reduce_on_plateau"])
+@pytest.mark.parametrize("monitor", ["lr", "grad_norm/dense_1"])
+def test_mode_auto_on_a_value_without_a_better_direction_is_refused(callback, monitor):
+    # As Keras: it cannot know whether a larger lr or gradient norm is better.
+    trainer = make_trainer([{"type": callback, "monitor": monitor}], epochs=2)
+    with pytest.raises(config.ConfigError, match=re.escape(
+            f"train.callbacks[0].mode: 'auto' cannot tell whether '{monitor}' should go down or up; "
+            "set mode: min or mode: max")):
+        trainer.fit(regression_data(n=32))
+    assert len(trainer.history) == 0
+    trainer = make_trainer([{"type": callback, "monitor": monitor, "mode": "min"}], epochs=2)
+    assert len(trainer.fit(regression_data(n=32))) == 2
 
 
 # ----------------------------------------------------------- divergence / NaN

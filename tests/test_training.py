@@ -386,7 +386,7 @@ def test_a_callback_monitoring_an_unlogged_value_is_refused_before_training(moni
 
 @pytest.mark.parametrize("checkpoint, held", [
     # monitors the lr, which only falls: the first epoch stays the best, and the model file holds it
-    ({"type": "model_checkpoint", "monitor": "lr", "mode": "max"}, 1),
+    ({"type": "model_checkpoint", "monitor": "lr", "mode": "max", "save_best_only": True}, 1),
     ({"type": "model_checkpoint", "save_best_only": False}, 4),   # every epoch: the last
     (None, 4),                                                     # no callback: the final weights
 ])

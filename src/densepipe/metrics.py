@@ -131,8 +131,9 @@ METRICS.add("r2", Metric(_r2_stats, _r2_finish, "max", VALUE_TASKS), ("r2_score"
 DEFAULT_METRICS = {"binary": ["accuracy"], "multiclass": ["accuracy"], "regression": ["mae"]}
 
 
-def metric_mode(name: str) -> str:
-    """'min' or 'max' for a monitored quantity such as 'val_loss' or 'accuracy'."""
+def metric_mode(name: str) -> str | None:
+    """'min' or 'max' for a monitored quantity such as 'val_loss' or 'accuracy'; None for one
+    with no better direction (lr, a gradient norm)."""
     base = name.removeprefix("val_").split("/")[-1]
     if base == "loss" or base.endswith("_loss"):
         return "min"
@@ -140,4 +141,4 @@ def metric_mode(name: str) -> str:
         return METRICS[base].mode
     # Several outputs log "<output>_<metric>" (val_species_accuracy): the longest metric name wins.
     suffix = next((m for m in sorted(METRICS.names(), key=len, reverse=True) if base.endswith(f"_{m}")), None)
-    return METRICS[suffix].mode if suffix else "min"
+    return METRICS[suffix].mode if suffix else None

@@ -49,11 +49,13 @@ class Callback:
 class _Monitor:
     """Tracks the best value of a monitored log entry ('val_loss', 'val_accuracy', ...)."""
 
-    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0, initial: float | None = None):
         self.monitor = monitor
+        # None: 'auto' on a value with no better direction (lr, a gradient norm), which the trainer
+        # refuses before training, as Keras does.
         self.mode = metric_mode(monitor) if mode == "auto" else mode
         self.min_delta = abs(min_delta)
-        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best = initial if initial is not None else math.inf if self.mode == "min" else -math.inf
 
     def value(self, logs: dict) -> float:
         if self.monitor not in logs:
@@ -130,16 +132,18 @@ class EarlyStopping(Callback):
 
 @register("model_checkpoint", "modelcheckpoint", "checkpoint")
 class ModelCheckpoint(Callback):
-    """Saves the model file after an epoch: every epoch, or only when `monitor` improves."""
+    """Saves the model file after an epoch: every epoch (Keras' default), or only when `monitor`
+    improves on the best so far (and on initial_value_threshold, when given)."""
 
     class Args(Args):
         monitor: str = "val_loss"
         mode: Literal["auto", "min", "max"] = "auto"
-        save_best_only: bool = True
+        save_best_only: bool = False
+        initial_value_threshold: float | None = None
 
     def __init__(self, args):
         super().__init__(args)
-        self.mon = _Monitor(args.monitor, args.mode)
+        self.mon = _Monitor(args.monitor, args.mode, initial=args.initial_value_threshold)
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.args.save_best_only:
@@ -250,7 +254,9 @@ class ReduceOnPlateau(_Schedule):
                 # Other schedules' factors count too: a reduction never takes the lr itself
                 # below min_lr, and the message gives the lr with this epoch's other factors.
                 others = trainer.scheduled_lr(epoch, leave_out=self)
-                new = max(self.factor * self.args.factor, self.args.min_lr / others)
+                # others is 0 where another schedule has taken the lr to 0: no floor can lift it.
+                floor = self.args.min_lr / others if others > 0 else 0.0
+                new = max(self.factor * self.args.factor, floor)
                 if new < self.factor:
                     self.factor = new
                     trainer.log(f"reduce on plateau: lr -> {others * new:.3g}")

@@ -201,9 +201,10 @@ class Trainer:
         self.net.train()
         dense = [self.model.layers[n].weight for n in self.dense_names]
         order = self._permutation(data.n).index_select(0, shard.positions)  # (rows,) this rank's, by step
-        logged: list[Tensor] = []  # per step: (objective, loss sums (total, each output), grad norms)
+        logged: list[Tensor] = []  # per step: (loss sums (total, each output), grad norms)
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
         reused = {b.untyped_storage().data_ptr() for b in batch.values()}
+        seeds: dict[float, Tensor] = {}  # backward's seed gradient per step scale (two at most: full, last step)
         for (lo, hi), rows in zip(shard.bounds, shard.step_rows, strict=True):
             idx = order[lo:hi]
             xb = {k: torch.index_select(v, 0, idx, out=batch[k][:hi - lo]) for k, v in data.inputs.items()}
@@ -211,11 +212,14 @@ class Trainer:
             raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
             total, parts = self._loss_sums(raw, yb)
             # DDP averages over ranks, so world / rows makes the gradient the global step's mean.
-            objective = total * (self.dist.world / rows)
+            scale = self.dist.world / rows
             penalty = self.model.penalty()
-            objective = objective if penalty is None else objective + penalty
             self.optimizer.zero_grad()
-            objective.backward()  # returns after DDP's gradient all-reduce
+            # backward returns after DDP's gradient all-reduce.
+            if penalty is None:  # the scale as backward's seed gradient: no multiply node to run
+                total.backward(seeds.setdefault(scale, torch.tensor(scale, dtype=total.dtype, device=total.device)))
+            else:
+                (total * scale + penalty).backward()
             # Norms of the gradients as backward made them, before clipping rescales them: they are
             # what shows a user exploding or vanishing gradients.
             norms = torch._foreach_norm([w.grad for w in dense]) if dense else []
@@ -224,21 +228,22 @@ class Trainer:
             # Kept, not copied into epoch buffers: one stack per step, one cat per epoch is cheaper.
             with torch.no_grad():
                 # The logged loss carries the penalty too, as Keras' does: row-weighted, like the data loss.
-                total = total if penalty is None else total + penalty * (hi - lo)
-                logged.append(torch.stack([objective, total, *parts, *norms]))
+                # Non-finite exactly when the objective is: the divergence guard watches it.
+                total = total.detach() if penalty is None else total + penalty * (hi - lo)
+                logged.append(torch.stack([total, *parts, *norms]))
             for name, r in raw.items():
                 kept = r.detach().flatten(1)
                 # An output can be the gathered batch itself (an identity path from an input),
                 # which the next step overwrites: that one is copied.
                 outputs[name].append(kept.clone() if kept.untyped_storage().data_ptr() in reused else kept)
-        log = torch.stack(logged)                                  # (steps, 2 + outputs + dense layers)
+        log = torch.stack(logged)                                  # (steps, 1 + outputs + dense layers)
         # Each step's outputs came from the weights before its update, as Keras' running metrics.
         targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
         stats = self._metric_stats({k: torch.cat(v) for k, v in outputs.items()}, targets)
         sums = 1 + len(self.model.heads)                           # loss sums per step: total, each output
-        loss_sums = log[:, 1:1 + sums].double().sum(0)            # (1 + outputs,)
+        loss_sums = log[:, :sums].double().sum(0)                 # (1 + outputs,)
         bad = (~torch.isfinite(log[:, 0])).double()                # (steps,) 1 where non-finite
-        grad_norms = (log[:, 1 + sums:].double() ** 2).mean(0).sqrt()  # RMS over steps; equal on all ranks
+        grad_norms = (log[:, sums:].double() ** 2).mean(0).sqrt()  # RMS over steps; equal on all ranks
         return [loss_sums, bad, *stats], grad_norms
 
     def _clip(self) -> None:
@@ -296,12 +301,16 @@ class Trainer:
         logged = self._decided_keys(with_val)
         for i, cb in enumerate(self.callbacks):
             monitor = getattr(cb.args, "monitor", None)
-            if monitor is None or monitor in logged:
+            if monitor is None:
                 continue
-            why = (" (there is no validation data: split.val_size is 0)"
-                   if monitor.startswith("val_") and not with_val else did_you_mean(monitor, logged))
-            raise ConfigError(f"train.callbacks[{i}].monitor: '{monitor}' is not logged{why}; "
-                              f"logged: {', '.join(logged)}")
+            if monitor not in logged:
+                why = (" (there is no validation data: split.val_size is 0)"
+                       if monitor.startswith("val_") and not with_val else did_you_mean(monitor, logged))
+                raise ConfigError(f"train.callbacks[{i}].monitor: '{monitor}' is not logged{why}; "
+                                  f"logged: {', '.join(logged)}")
+            if cb.mon.mode is None:
+                raise ConfigError(f"train.callbacks[{i}].mode: 'auto' cannot tell whether '{monitor}' should "
+                                  f"go down or up; set mode: min or mode: max")
 
     # ------------------------------------------------------------------------ fit
     def fit(self, train: Split, val: Split | None = None) -> History:
