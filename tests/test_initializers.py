@@ -62,6 +62,18 @@ def test_variance_scaling_arguments():
     assert w.abs().max().item() <= math.sqrt(3 * 3.0 / FAN_OUT)
 
 
+@pytest.mark.parametrize("distribution,truncated", [
+    ("truncated_normal", True), ("normal", True),  # Keras: "normal" is the truncated normal's older name
+    ("untruncated_normal", False),
+])
+def test_variance_scaling_normal_distributions(distribution, truncated):
+    var = 2.0 / FAN_AVG
+    w = draw({"name": "variance_scaling", "scale": 2.0, "mode": "fan_avg", "distribution": distribution})
+    assert_var(w, var)
+    widest = w.abs().max().item() / math.sqrt(var)
+    assert widest <= 2 / TRUNC_STD if truncated else widest > 3.5
+
+
 def test_bias_fans_are_its_length():
     b = draw("he_uniform", shape=(20000,))
     assert_var(b, 2 / 20000)                       # Keras: fan_in = fan_out = len for 1-D shapes

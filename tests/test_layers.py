@@ -168,7 +168,8 @@ def test_a_batchnorm_model_trains_through_a_last_batch_of_one_row():
 @pytest.mark.parametrize("name,alpha,reference", [
     ("relu", None, F.relu),
     ("leaky_relu", 0.2, lambda z: F.leaky_relu(z, 0.2)),
-    ("leaky_relu", None, lambda z: F.leaky_relu(z, 0.01)),   # Keras' default slope
+    ("leaky_relu", None, lambda z: F.leaky_relu(z, 0.2)),    # Keras 3's default slope
+    ("leaky_relu", 0.01, lambda z: F.leaky_relu(z, 0.01)),   # torch's, when asked for
     ("elu", 0.5, lambda z: F.elu(z, 0.5)),
     ("softmax", None, lambda z: torch.softmax(z, -1)),
     ("swish", None, F.silu),

@@ -69,6 +69,7 @@ def test_modes():
     # several outputs prefix their metrics with the output's name
     assert metric_mode("val_species_accuracy") == "max" and metric_mode("width_r2") == "max"
     assert metric_mode("val_width_mae") == "min" and metric_mode("val_width_rmse") == "min"
+    assert metric_mode("lr") is None and metric_mode("grad_norm/dense_1") is None  # no better direction
 
 
 def class_scoring_model(target: TargetSpec):
@@ -182,3 +183,15 @@ def test_trainer_multiclass_scores_over_uneven_chunks_equal_sklearn_macro(monkey
                 skm.recall_score(y, pred, **macro), skm.f1_score(y, pred, **macro)]
     np.testing.assert_allclose([v.item() for v in values], expected, rtol=1e-12)
     assert values[1].item() < 1.0                                            # not label 1 against label 0
+
+
+def test_a_probability_of_exactly_one_half_is_the_negative_class():
+    # Keras' binary_accuracy and scikit-learn's predict both use p > 0.5.
+    from densepipe.evaluate import predicted_labels
+
+    prob = torch.tensor([0.5, 0.5, 0.5000001, 0.2])
+    target = torch.tensor([0, 0, 1, 0])
+    stats = METRICS["accuracy"].stats(prob, target)
+    assert METRICS["accuracy"].finish(stats).item() == 1.0
+    assert predicted_labels(prob.numpy()).tolist() == [0, 0, 1, 0]
+    assert predicted_labels(np.array([0.3, 0.7]), threshold=0.7).tolist() == [0, 0]

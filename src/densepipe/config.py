@@ -118,7 +118,7 @@ _INITIALIZER_ARGS = _Vocabulary(_initializers, ("w", "generator"), {
     "sparsity": TypeAdapter(_Fraction),          # sparse: fraction of zero rows per column
     "scale": TypeAdapter(_Positive),             # variance_scaling: var = scale / n
     "mode": TypeAdapter(Literal["fan_in", "fan_out", "fan_avg"]),
-    "distribution": TypeAdapter(Literal["uniform", "normal", "truncated_normal"]),
+    "distribution": TypeAdapter(Literal["uniform", "truncated_normal", "normal", "untruncated_normal"]),
 }, "{name: constant, value: 0.1}")
 
 _LOSS_ARGS = _Vocabulary(_losses, ("raw", "target", "head"), {

@@ -15,7 +15,7 @@ EVALUATORS: Registry = Registry("task")
 
 def predicted_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if prob.ndim == 1 or prob.shape[1] == 1:
-        return (prob.reshape(-1) >= threshold).astype(int)
+        return (prob.reshape(-1) > threshold).astype(int)  # strict, as Keras and scikit-learn
     return prob.argmax(axis=1)
 
 

@@ -39,7 +39,7 @@ METRICS: Registry[Metric] = Registry("metric")
 
 def _labels(pred: Tensor) -> Tensor:
     if pred.dim() == 1 or pred.shape[-1] == 1:
-        return (pred.reshape(-1) >= 0.5).long()
+        return (pred.reshape(-1) > 0.5).long()  # strict, as Keras and scikit-learn: p = 0.5 is negative
     return pred.argmax(dim=-1)
 
 

@@ -52,7 +52,8 @@ def softmax_rows(z: Tensor, log: bool = False) -> Tensor:
 _TABLE = [
     Activation("linear", lambda z, a: z),
     Activation("relu", lambda z, a: F.relu(z)),
-    Activation("leaky_relu", lambda z, a: F.leaky_relu(z, a), default_alpha=0.01),
+    # Keras 3's default slope (keras.activations.leaky_relu); torch's nn.LeakyReLU takes 0.01.
+    Activation("leaky_relu", lambda z, a: F.leaky_relu(z, a), default_alpha=0.2),
     Activation("elu", lambda z, a: F.elu(z, a), default_alpha=1.0),
     Activation("selu", lambda z, a: F.selu(z)),
     Activation("gelu", lambda z, a: F.gelu(z), needs_preact=True),

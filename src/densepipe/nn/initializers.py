@@ -36,8 +36,9 @@ def variance_scaling(w: Tensor, scale: float = 1.0, mode: str = "fan_in",
     if distribution == "uniform":
         limit = math.sqrt(3.0 * var)
         return w.uniform_(-limit, limit, generator=generator)
-    if distribution == "normal":
+    if distribution == "untruncated_normal":
         return w.normal_(0.0, math.sqrt(var), generator=generator)
+    # "normal" is Keras' older name of the truncated normal, and means it there too.
     std = math.sqrt(var) / _TRUNC_STD
     return nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std, generator=generator)
 
@@ -55,9 +56,9 @@ _register_scaling("lecun_uniform", (), scale=1.0, mode="fan_in", distribution="u
 _register_scaling("lecun_normal", (), scale=1.0, mode="fan_in", distribution="truncated_normal")
 # ... and torch names (plain normals), same variances.
 _register_scaling("xavier_uniform", (), scale=1.0, mode="fan_avg", distribution="uniform")
-_register_scaling("xavier_normal", (), scale=1.0, mode="fan_avg", distribution="normal")
+_register_scaling("xavier_normal", (), scale=1.0, mode="fan_avg", distribution="untruncated_normal")
 _register_scaling("kaiming_uniform", (), scale=2.0, mode="fan_in", distribution="uniform")
-_register_scaling("kaiming_normal", (), scale=2.0, mode="fan_in", distribution="normal")
+_register_scaling("kaiming_normal", (), scale=2.0, mode="fan_in", distribution="untruncated_normal")
 INITIALIZERS.add("variance_scaling", variance_scaling)
 
 
