@@ -105,6 +105,11 @@ def error(raw) -> str:
      r"mapping from class label to weight .*\(got 'balance'\)"),
     (train(class_weight={0: 1.0, 1: -5.0}),
      r"train\.class_weight: class weights must be >= 0, got \{1: -5\.0\}$"),
+    # YAML's true / yes where a number belongs: not read as 1
+    (train(batch_size=True), r"^  train: batch_size: expected a number, got true$"),
+    (train(clip={"norm": True}), r"^  train\.clip: norm: expected a number, got true$"),
+    (dense(units=True), r"^  model\.layers\[0\]: units: expected a number, got true$"),
+    (train(optimizer={"name": "adam", "lr": False}), r"^  train\.optimizer: lr: expected a number, got false$"),
 ])
 def test_refused_with_a_message(raw, expected):
     msg = error(raw)
@@ -132,6 +137,8 @@ def test_validate_command_refuses_what_training_would(tmp_path, capsys):
     train(loss={"name": "scce", "from_logits": "auto"}),
     train(optimizer={"name": "sgd", "nesterov": True, "momentum": 0.9}),
     train(optimizer={"name": "momentum", "nesterov": True}),   # the momentum optimizer takes no nesterov flag
+    train(shuffle=False, optimizer={"name": "adam", "amsgrad": True}),  # true / false where a flag belongs
+    dense(use_bias=False),
 ])
 def test_accepted(raw):
     config.parse(raw)

@@ -179,3 +179,28 @@ def test_predict_missing_input_file(good_split):
     path, _, _ = good_split
     proc = densepipe("predict", "--input", "nope.csv", cwd=path, check=False)
     assert proc.returncode != 0 and "file not found: nope.csv" in proc.stderr
+
+
+@pytest.mark.parametrize("task, target, message", [
+    ("regression", ["high", "low", "mid"] * 20,
+     "target column 'y' holds text ('high') but data.task is 'regression', which needs numbers; "
+     "use data.task: multiclass or auto"),
+    ("reconstruction", ["yes", "no"] * 30,
+     "target column 'y' holds text ('yes') but data.task is 'reconstruction', which needs numbers; "
+     "use data.task: binary or auto"),
+    ("binary", np.linspace(0, 1, 60),
+     "target column 'y' has 60 distinct values but data.task is 'binary', which needs exactly two; "
+     "use data.task: regression or auto"),
+    ("binary", [0, 1, 2] * 20,
+     "target column 'y' has 3 distinct values but data.task is 'binary', which needs exactly two; "
+     "use data.task: multiclass or auto"),
+])
+def test_a_target_its_declared_task_cannot_read_is_named(task, target, message):
+    from densepipe.data.sources import DataError
+    from densepipe.data.split import check_table
+
+    frame = _good_frame().assign(y=target)
+    with pytest.raises(DataError) as err:
+        check_table(frame, ["y"], task)
+    assert str(err.value) == message
+    assert check_table(frame, ["y"], "auto")["y"] in ("binary", "multiclass", "regression")

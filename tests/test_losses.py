@@ -180,15 +180,23 @@ def test_explicit_class_weights_by_label():
         class_weights(bad, pre, {"y": np.array([0, 1])})
 
 
-def test_trainer_applies_class_weights_to_the_loss():
+def test_class_weights_shape_the_training_loss_only():
+    # As Keras' class_weight: the training loss is weighted, the validation loss is not.
     cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto", "activation": "auto"}]},
-                        "train": {"progress": "quiet"}})
+                        "train": {"progress": "quiet", "epochs": 1, "batch_size": 40}})
     spec = DataSpec({"features": 5}, {"target": TargetSpec("multiclass", 3)})
     model = build_model(cfg.model, cfg.train, spec, seed=0)
     x, y = torch.randn(40, 5, generator=GEN), labels(3, 40)
     table = torch.tensor([0.5, 2.0, 1.5])
     trainer = Trainer(model, cfg.train, class_weights={"target": table})
-    losses, _ = trainer.evaluate(Split({"features": x}, {"target": y}))
-    per = F.cross_entropy(model({"features": x})["target"], y, reduction="none")
-    torch.testing.assert_close(losses[0].float(), weighted_mean(per, table[y]))
-    torch.testing.assert_close(losses[0].float(), (table[y] * per).mean())
+    with torch.no_grad():
+        before = F.cross_entropy(model({"features": x})["target"], y, reduction="none")
+    data = Split({"features": x}, {"target": y})
+    history = trainer.fit(data, data)  # one step over all 40 rows
+    assert history.series("loss")[0] == pytest.approx(weighted_mean(before, table[y]).item(), rel=1e-5)
+    assert history.series("loss")[0] == pytest.approx((table[y] * before).mean().item(), rel=1e-5)
+    with torch.no_grad():
+        after = F.cross_entropy(model({"features": x})["target"], y)
+    assert history.series("val_loss")[0] == pytest.approx(after.item(), rel=1e-5)
+    losses, _ = trainer.evaluate(data)
+    assert losses[0].item() == pytest.approx(after.item(), rel=1e-5)

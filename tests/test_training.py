@@ -429,3 +429,13 @@ def test_early_stopping_restores_the_first_epoch_when_its_value_cannot_be_compar
         cb.on_epoch_end(trainer, epoch, {"val_loss": value})
     cb.on_train_end(trainer)
     assert trainer.loaded == {"w": 0} and trainer.restored_epoch == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_one_is_a_config_error():
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto"}]},
+                        "train": {"device": "cuda", "progress": "quiet"}})
+    model = build_model(cfg.model, cfg.train, DataSpec({"features": 3}, {"t": TargetSpec("regression", 1)}))
+    with pytest.raises(config.ConfigError, match=r"^train\.device: 'cuda' but (this torch .* is built without "
+                                                 r"CUDA|no CUDA device is visible); use train\.device: auto"):
+        Trainer(model, cfg.train)

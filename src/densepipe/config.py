@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +42,31 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data):
+        # pydantic reads true as 1 for a number; in YAML it is a slip (batch_size: yes), not a count.
+        for key, value in data.items() if isinstance(data, dict) else ():
+            field = cls.model_fields.get(key)
+            if isinstance(value, bool) and field is not None and _wants_number(field.annotation):
+                raise ValueError(f"{key}: expected a number, got {_show(value)}")
+        return data
+
+
+def _wants_number(annotation) -> bool:
+    """Whether a field takes int or float values and not bool (through Optional, Annotated, unions)."""
+    leaves, stack = set(), [annotation]
+    while stack:
+        t = stack.pop()
+        args = typing.get_args(t)
+        if typing.get_origin(t) is typing.Annotated:
+            stack.append(args[0])
+        elif typing.get_origin(t) in (typing.Union, types.UnionType):
+            stack.extend(args)
+        else:
+            leaves.add(t)
+    return bool(leaves & {int, float}) and bool not in leaves and typing.Any not in leaves
 
 
 def _in(registry_getter):

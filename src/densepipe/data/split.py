@@ -55,10 +55,27 @@ def check_table(frame: pd.DataFrame, targets: list[str], task: str) -> dict[str,
             raise DataError(f"target column '{t}' has {int(frame[t].isna().sum())} missing value(s); "
                             "rows without a target cannot be trained on")
         tasks[t] = detect_task(frame[t], "regression" if task == "reconstruction" else task)
-        if tasks[t] in ("binary", "multiclass") and frame[t].nunique() < 2:
-            raise DataError(f"target column '{t}' has a single class ({shown(frame[t].iloc[0])}); "
-                            "classification needs at least two")
+        _check_task(frame[t], tasks[t], declared=task)
     return tasks
+
+
+def _check_task(target: pd.Series, task: str, declared: str) -> None:
+    """A target whose values its task (`declared`: data.task as written) cannot read: named here,
+    before the split, with what to set."""
+    name, distinct = target.name, target.nunique()
+    if task in ("binary", "multiclass") and distinct < 2:
+        raise DataError(f"target column '{name}' has a single class ({shown(target.iloc[0])}); "
+                        "classification needs at least two")
+    if task == "binary" and distinct > 2:
+        raise DataError(f"target column '{name}' has {distinct} distinct values but data.task is 'binary', "
+                        f"which needs exactly two; use data.task: "
+                        f"{'multiclass' if distinct <= MAX_CLASSES_FOR_INT_TARGET else 'regression'} or auto")
+    text = target[pd.to_numeric(target, errors="coerce").isna()] if task == "regression" else target[:0]
+    if len(text):
+        text = text.iloc[0]
+        raise DataError(f"target column '{name}' holds text ({shown(text)}) but data.task is '{declared}', "
+                        f"which needs numbers; use data.task: {'binary' if distinct == 2 else 'multiclass'} "
+                        "or auto")
 
 
 def split_frame(frame: pd.DataFrame, targets: list[str], tasks: dict[str, str], cfg, seed: int):

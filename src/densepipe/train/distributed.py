@@ -64,6 +64,12 @@ def current() -> Context:
 def device(setting: str) -> torch.device:
     """train.device as a torch.device; under several processes each takes GPU LOCAL_RANK."""
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
+    if kind == "cuda" and not torch.cuda.is_available():
+        from densepipe.config import ConfigError
+        why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        raise ConfigError(f"train.device: 'cuda' but {why}; use train.device: auto (a GPU where there "
+                          f"is one) or cpu")
     ctx = current()
     return torch.device(kind, ctx.local_rank) if kind == "cuda" and ctx.active else torch.device(kind)
 

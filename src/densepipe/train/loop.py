@@ -154,13 +154,15 @@ class Trainer:
         self.saved_epoch = state.get("saved_epoch")
 
     # ------------------------------------------------------------------- losses
-    def _loss_sums(self, raw: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Sums over the rows (total and per output): they add up over steps and ranks."""
+    def _loss_sums(self, raw: dict[str, Tensor], targets: dict[str, Tensor],
+                   weighted: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """Sums over the rows (total and per output): they add up over steps and ranks.
+        weighted: with the class weights, which (as Keras') shape training only."""
         parts, total = [], None
         for name, head in self.model.heads.items():
             target = targets[head.target]
             per_sample = LOSSES[head.loss](raw[name], target, head.activation, **head.loss_params)
-            table = self.class_weights.get(head.target)
+            table = self.class_weights.get(head.target) if weighted else None
             weight = table[target.reshape(-1).long()] if table is not None else None
             part = weighted_sum(per_sample, weight)
             parts.append(part)
@@ -267,7 +269,7 @@ class Trainer:
         for start in range(0, max(data.n, 1), EVAL_CHUNK):  # an empty shard still gives (zero) statistics
             part = data.rows(start, start + EVAL_CHUNK)
             raw = self.model(part.inputs)
-            total, parts = self._loss_sums(raw, part.targets)
+            total, parts = self._loss_sums(raw, part.targets, weighted=False)
             loss_sum += torch.stack([total, *parts]).double()
             s = self._metric_stats(raw, part.targets)
             stats = s if stats is None else [a + c for a, c in zip(stats, s, strict=True)]
