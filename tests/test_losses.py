@@ -180,6 +180,16 @@ def test_explicit_class_weights_by_label():
         class_weights(bad, pre, {"y": np.array([0, 1])})
 
 
+def test_class_weights_on_a_target_without_classes_are_refused():
+    frame = pd.DataFrame({"x": np.arange(6.0), "y": np.linspace(0, 1, 6)})
+    pre = Preprocessor.fit(frame, ["y"], {"y": "regression"}, config.ScaleConfig())
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto"}]},
+                        "train": {"class_weight": "balanced"}})
+    with pytest.raises(config.ConfigError, match=r"^train\.class_weight: weights classes, but no target has "
+                                                 r"classes: 'y' \(regression\); remove train\.class_weight$"):
+        class_weights(cfg, pre, {"y": np.zeros(6)})
+
+
 def test_class_weights_shape_the_training_loss_only():
     # As Keras' class_weight: the training loss is weighted, the validation loss is not.
     cfg = config.parse({"model": {"layers": [{"type": "dense", "units": "auto", "activation": "auto"}]},

@@ -114,15 +114,32 @@ def sweep(argv):
 def where(argv):
     """Say where the report and the MLflow store are, and how to browse them."""
     from densepipe.tracking import project_root, tracking_uri
+    p = argparse.ArgumentParser(prog="densepipe where", description=where.__doc__)
+    p.add_argument("pipeline", nargs="?", help="the pipeline's folder (default: the nearest one holding a "
+                                               "dvc.yaml, from the current folder up to the project root)")
+    args = p.parse_args(argv)
     root = project_root()
-    metrics = root / "metrics" / "test.json"
+    folder = Path(args.pipeline).resolve() if args.pipeline else _pipeline_folder(Path.cwd().resolve(), root)
+    metrics = folder / "metrics" / "test.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())
         if "accuracy" in m:
             print(f"test accuracy: {m['accuracy']:.4f}")
-    print(f"report:       {root / 'reports' / 'report.html'}  (open it in a browser)")
+    report = folder / "reports" / "report.html"
+    state = "open it in a browser" if report.exists() else "not built yet: run dvc repro"
+    print(f"report:       {report}  ({state})")
     print(f"MLflow store: {tracking_uri()}")
     print("MLflow UI:    make ui  (then open http://127.0.0.1:5000)")
+
+
+def _pipeline_folder(cwd: Path, root: Path) -> Path:
+    """The nearest folder from cwd up to root with a dvc.yaml (a gallery pipeline, or the root's)."""
+    for d in (cwd, *cwd.parents):
+        if (d / "dvc.yaml").exists():
+            return d
+        if d == root:
+            break
+    return root
 
 
 def _run_stage(module_name: str, argv: list[str]) -> None:

@@ -65,7 +65,7 @@ def render(title: str, figures: list[tuple[str, bytes]], flags: list[tuple[str, 
 <h1>{html.escape(title)}</h1>
 <h2>Diagnostics</h2>{flag_html}
 <h2>Test metrics</h2>{_table(_metric_rows(test_metrics))}{per_class_html}
-<h2>Training (last epoch)</h2>{_table(_metric_rows(train_metrics))}
+<h2>Training (the epoch the model holds)</h2>{_table(_metric_rows(train_metrics))}
 <h2>Figures</h2>{figs}
 <h2>Model</h2>{_table(summary)}
 <h2>Parameters (resolved)</h2><pre>{html.escape(yaml.safe_dump(params, sort_keys=False))}</pre>

@@ -45,9 +45,12 @@ def class_weights(cfg, pre: Preprocessor, targets: dict) -> dict[str, torch.Tens
     if spec is None:
         return {}
     out = {}
-    for name, t in pre.targets.items():
-        if t["task"] not in ("binary", "multiclass"):
-            continue
+    classified = {n: t for n, t in pre.targets.items() if t["task"] in ("binary", "multiclass")}
+    if not classified:
+        tasks = ", ".join(f"'{n}' ({t['task']})" for n, t in pre.targets.items())
+        raise config_mod.ConfigError(f"train.class_weight: weights classes, but no target has classes: "
+                                     f"{tasks}; remove train.class_weight")
+    for name, t in classified.items():
         k = len(t["classes"])
         if spec == "balanced":
             counts = torch.bincount(torch.as_tensor(targets[name]).reshape(-1), minlength=k).double()
