@@ -207,3 +207,25 @@ def test_mlflow_ui_shows_run_metrics_and_report(project, mlflow_ui, tmp_path):
         assert metric in overview, metric
     artifacts = _rendered_text(f"{base}/artifacts/report/report.html", tmp_path / "profile2")
     assert "report.html" in artifacts and "evaluation" in artifacts
+
+
+def test_an_evaluate_setting_changed_after_training_updates_the_run(project):
+    # MLflow params cannot change, so the evaluate settings are tags of the run, which a re-run of
+    # evaluate alone updates along with the test metrics.
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    path, _ = project
+    run_cmd(["dvc", "repro", "-q"], cwd=path)
+    info = json.loads((path / "models/run.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["run_id"])
+    assert not any(k.startswith(("evaluate.", "report.")) for k in run.data.params)
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    assert run.data.tags["evaluate.threshold"] == str(params["evaluate"]["threshold"])
+    params["evaluate"]["threshold"] = 0.7
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run_cmd(["dvc", "repro"], cwd=path)
+    assert "evaluate" in _ran(changed.stdout) and "train" not in _ran(changed.stdout)
+    assert json.loads((path / "models/run.json").read_text())["run_id"] == info["run_id"]
+    assert client.get_run(info["run_id"]).data.tags["evaluate.threshold"] == "0.7"

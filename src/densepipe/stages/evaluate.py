@@ -101,6 +101,8 @@ def run(args) -> None:
     shown = pd.concat([raw.reset_index(drop=True), predictions.reset_index(drop=True)], axis=1)
     write_with(args.predictions, lambda p: shown.to_csv(p, index=False))
     tracker = tracking.open_run(args.run)
+    # Tags, not params: a re-run with another threshold updates them, as it updates the test metrics.
+    tracker.set_tags(tracking.flatten({"evaluate": settings.model_dump(mode="json")}))
     flat = tracking.flatten({"test": metrics})
     tracker.log_metrics({k.replace(".", "_"): float(v) for k, v in flat.items() if _is_number(v)})
     for f in sorted(Path(args.plots).glob("*")):

@@ -65,6 +65,8 @@ def class_weights(cfg, pre: Preprocessor, targets: dict) -> dict[str, torch.Tens
     return out
 
 
+_SET_AFTER_TRAINING = ("evaluate", "report")  # params sections read by the stages after train
+
 # train settings that do not change what training computes, left out of the resume key: a job
 # killed on N processes may resume on M, and a run restarted with another progress display or
 # checkpoint interval picks up where it stopped.
@@ -155,7 +157,9 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
         trainer.log(f"resuming from {resume_path} after epoch {trainer.start_epoch}")
     tracker = _open_tracker(cfg, args.run, state) if ctx.main else tracking.Tracker(None, None)
     if state is None:
-        tracker.log_params(config_mod.resolved(cfg))
+        # Not the evaluate and report sections: they change after training without a new run, and
+        # MLflow params cannot change; the evaluate stage tags the run with the settings it used.
+        tracker.log_params({k: v for k, v in config_mod.resolved(cfg).items() if k not in _SET_AFTER_TRAINING})
     try:
         history = trainer.fit(train, val)
     except DivergenceError:
