@@ -188,3 +188,20 @@ def test_config_resolved_shows_defaults(tmp_path, capsys):
     assert resolved["split"] == {"test_size": 0.2, "val_size": 0.1, "stratify": True, "shuffle": True,
                                  "folds": None, "fold": 0}
     assert config.parse(resolved) == config.parse(yaml.safe_load(open(path)))   # round-trips
+
+
+def test_named_values_are_logged_under_one_key_with_or_without_arguments():
+    from densepipe.tracking import flatten
+
+    def logged(loss, initializer):
+        cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 4, "initializer": initializer},
+                                                 {"type": "dense", "units": "auto"}]},
+                            "train": {"loss": loss}})
+        return flatten(config.with_named_mappings(config.resolved(cfg)))
+
+    plain, with_args = logged("mse", "he_normal"), logged({"name": "huber", "delta": 2.0},
+                                                          {"name": "orthogonal", "gain": 2.0})
+    assert plain["train.loss.name"] == "mse" and with_args["train.loss.name"] == "huber"
+    assert with_args["train.loss.delta"] == "2.0" and "train.loss" not in plain
+    assert plain["model.layers.0.initializer.name"] == "he_normal"
+    assert with_args["model.layers.0.initializer.name"] == "orthogonal"

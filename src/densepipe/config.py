@@ -681,3 +681,17 @@ def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Config:
 def resolved(cfg: Config) -> dict:
     """All defaults filled in, as plain data (logged to MLflow, saved in checkpoints)."""
     return cfg.model_dump(mode="json")
+
+
+_NAMED = ("loss", "initializer", "bias_initializer")  # a name, or {name: ..., **arguments}
+
+
+def with_named_mappings(params):
+    """params with every named value written as a mapping (loss: mse as loss: {name: mse}): as
+    MLflow keys, a run that gave the loss arguments and one that did not share loss.name."""
+    if isinstance(params, list):
+        return [with_named_mappings(v) for v in params]
+    if not isinstance(params, dict):
+        return params
+    return {k: {"name": v} if k in _NAMED and isinstance(v, str) else with_named_mappings(v)
+            for k, v in params.items()}

@@ -159,7 +159,8 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
     if state is None:
         # Not the evaluate and report sections: they change after training without a new run, and
         # MLflow params cannot change; the evaluate stage tags the run with the settings it used.
-        tracker.log_params({k: v for k, v in config_mod.resolved(cfg).items() if k not in _SET_AFTER_TRAINING})
+        params = config_mod.with_named_mappings(config_mod.resolved(cfg))
+        tracker.log_params({k: v for k, v in params.items() if k not in _SET_AFTER_TRAINING})
     try:
         history = trainer.fit(train, val)
     except DivergenceError:
