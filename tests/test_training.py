@@ -368,6 +368,7 @@ def test_resume_ignores_display_settings_but_not_training_ones(tmp_path, monkeyp
     ("val_acc", True, "'val_acc' is not logged (did you mean 'val_accuracy'?)"),
     ("val_loss", False, "'val_loss' is not logged (there is no validation data: split.val_size is 0)"),
     ("los", False, "'los' is not logged (did you mean 'loss'?)"),
+    ("learning_rate", False, "'learning_rate' is not logged (did you mean 'lr'? that is its name here)"),
 ])
 def test_a_callback_monitoring_an_unlogged_value_is_refused_before_training(monitor, with_val, message):
     data = iris_split()

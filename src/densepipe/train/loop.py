@@ -33,6 +33,7 @@ from densepipe.train.progress import make_progress
 
 EVAL_CHUNK = 8192  # rows per forward pass when scoring a whole split
 WALL_CLOCK = ("epoch_seconds", "samples_per_sec")  # differ between ranks: logged, never decided on
+_LOG_NAMES = {"learning_rate": "lr"}  # Keras 3's log key -> ours, for the hint on an unknown monitor
 
 
 class DivergenceError(RuntimeError):
@@ -306,8 +307,11 @@ class Trainer:
             if monitor is None:
                 continue
             if monitor not in logged:
+                ours = _LOG_NAMES.get(monitor)
                 why = (" (there is no validation data: split.val_size is 0)"
-                       if monitor.startswith("val_") and not with_val else did_you_mean(monitor, logged))
+                       if monitor.startswith("val_") and not with_val
+                       else f" (did you mean '{ours}'? that is its name here)" if ours in logged
+                       else did_you_mean(monitor, logged))
                 raise ConfigError(f"train.callbacks[{i}].monitor: '{monitor}' is not logged{why}; "
                                   f"logged: {', '.join(logged)}")
             if cb.mon.mode is None:
