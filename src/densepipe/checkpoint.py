@@ -8,13 +8,14 @@ import dataclasses
 import hashlib
 import io
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from densepipe import config as config_mod
 from densepipe.data.preprocess import Preprocessor
-from densepipe.io import write_bytes
+from densepipe.io import UnreadableFile, read_or_explain, write_bytes
 from densepipe.nn.model import DataSpec, DenseModel, TargetSpec, build_model
 
 MODEL_FORMAT = "densepipe-model/1"
@@ -67,9 +68,12 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
-    blob = torch.load(path, map_location=device, weights_only=True)
-    if blob.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a densepipe model file")
+    remedy = "run the train stage again (dvc repro, or densepipe train)"
+    blob = read_or_explain(path, lambda p: torch.load(p, map_location=device, weights_only=True),
+                           "a densepipe model file", remedy)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        kind = "a resume checkpoint, not" if isinstance(blob, dict) and blob.get("format") == RESUME_FORMAT else "not"
+        raise UnreadableFile(f"{path} is {kind} a densepipe model file; {remedy}")
     cfg = config_mod.parse(json.loads(blob["config"]))
     raw = json.loads(blob["spec"])
     spec = DataSpec(raw["inputs"], {k: TargetSpec(**v) for k, v in raw["targets"].items()})
@@ -80,8 +84,9 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
 
 
 def save_resume(path, state: dict, key: str) -> None:
-    blob = {"format": RESUME_FORMAT, "key": key, **state,
-            "model": _cpu(state["model"])}
+    blob = {"format": RESUME_FORMAT, "key": key, **state, "model": _cpu(state["model"])}
+    if state.get("saved_weights") is not None:
+        blob["saved_weights"] = _cpu(state["saved_weights"])
     save_blob(path, blob)
 
 
@@ -92,7 +97,8 @@ def load_resume(path, key: str) -> dict | None:
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged checkpoint is not worth failing over: train from scratch
+    except Exception as err:  # noqa: BLE001  (a damaged checkpoint is not worth failing over: train from scratch)
+        print(f"warning: {path} cannot be read ({type(err).__name__}); training starts over", file=sys.stderr)
         return None
     if blob.get("format") != RESUME_FORMAT or blob.get("key") != key:
         return None

@@ -154,9 +154,11 @@ def _run_stage(module_name: str, argv: list[str]) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from densepipe.config import ConfigError
     from densepipe.data.sources import DataError
+    from densepipe.io import UnreadableFile
     from densepipe.train.distributed import WorkerFailure
     from densepipe.train.loop import DivergenceError
-    return ConfigError, DataError, DivergenceError, WorkerFailure, FileNotFoundError
+    # OSError: a file that cannot be written (permissions, a full disk) is named by its message.
+    return ConfigError, DataError, DivergenceError, WorkerFailure, UnreadableFile, OSError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"densepipe {argv[0]}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Outputs are written atomically and a resume checkpoint is complete or absent: nothing to add.
+        print(f"densepipe {argv[0]}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

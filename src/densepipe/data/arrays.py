@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from densepipe.data.preprocess import Preprocessor
-from densepipe.io import write_with
+from densepipe.io import read_or_explain, write_with
 from densepipe.nn.model import DataSpec, TargetSpec
 from densepipe.train.loop import Split
 
@@ -29,8 +29,10 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_arrays(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as z:
-        return z["X"], {k[2:]: z[k] for k in z.files if k.startswith("y:")}
+    def read(p):
+        with np.load(p, allow_pickle=False) as z:
+            return z["X"], {k[2:]: z[k] for k in z.files if k.startswith("y:")}
+    return read_or_explain(path, read, "the scale stage's arrays", "run the scale stage again")
 
 
 def input_columns(pre: Preprocessor, model_cfg) -> dict[str, list[int]]:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from densepipe.data.sources import DataError, shown
-from densepipe.io import write_text
+from densepipe.io import read_or_explain, write_text
 
 RECONSTRUCTION = "reconstruction"  # the target name of autoencoders: the features themselves
 _SMOOTHING = 10.0  # target encoding: weight of the global mean, in rows
@@ -227,7 +227,8 @@ class Preprocessor:
 
     @classmethod
     def load(cls, path: str | Path) -> Preprocessor:
-        return cls.from_json(Path(path).read_text())
+        return read_or_explain(path, lambda p: cls.from_json(p.read_text()), "the scale stage's preprocessor",
+                               "run the scale stage again")
 
 
 def _json_default(v):

@@ -25,7 +25,7 @@ from densepipe.io import write_json
 from densepipe.nn.model import build_model
 from densepipe.stages.common import as_config_error, load_params, seed_everything
 from densepipe.train import distributed
-from densepipe.train.loop import DivergenceError, Trainer
+from densepipe.train.loop import WALL_CLOCK, DivergenceError, Trainer
 
 _DONE = {"format": ckpt.RESUME_FORMAT, "key": "completed"}  # a finished run leaves nothing to resume
 
@@ -94,11 +94,10 @@ def final_metrics(history, stopped: str | None, held_epoch: int | None = None) -
     from 0; the last epoch when None)."""
     chosen = [r for r in history.records if held_epoch is not None and r["epoch"] == held_epoch + 1]
     last = dict(chosen[0] if chosen else history.records[-1]) if history.records else {}
-    out = {k: v for k, v in last.items() if not k.startswith(("grad_norm/", "epoch_seconds"))}
+    # Wall-clock speed stays in the history and MLflow: in a metrics file it would make every run
+    # differ from an identical one for `dvc metrics diff`.
+    out = {k: v for k, v in last.items() if not k.startswith(("grad_norm/", *WALL_CLOCK))}
     out["epochs_run"] = len(history)
-    speeds = history.series("samples_per_sec")
-    if speeds:
-        out["samples_per_sec"] = sum(speeds) / len(speeds)
     if stopped:
         out["stopped_early"] = True
     return out
@@ -164,8 +163,10 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
     try:
         history = trainer.fit(train, val)
     except DivergenceError:
-        if ctx.main:
-            save_model(len(trainer.history))  # the last good weights, for inspection
+        # The last good weights go to the model file, for inspection, unless no epoch finished (they
+        # would be the untrained ones) or a checkpoint callback already wrote a good epoch there.
+        if ctx.main and len(trainer.history) and trainer.saved_epoch is None:
+            save_model(len(trainer.history))
         tracker.log_history(trainer.history.records)
         tracker.finish("FAILED")
         distributed.barrier()  # the launcher stops the job at the first failed rank: rank 0 writes first
@@ -176,6 +177,11 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
     if held is None:  # no callback wrote the model file: the final (or restored) weights go there
         held = trainer.restored_epoch if trainer.restored_epoch is not None else len(history) - 1
         save_model(held + 1)
+    elif not model_path.exists():
+        # Resumed after the callback's last write, and the file is gone (dvc repro removes a stage's
+        # outputs before running it): written again from the weights the resume state kept.
+        trainer.load_weights(trainer.saved_weights)
+        save_model(held + 1)
     history.save_csv(args.history)
     metrics = final_metrics(history, trainer.stop_reason, held)
     write_json(args.metrics, metrics)
@@ -184,7 +190,7 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
     # The threads it trained with: samples/s compare across runs only alongside them.
     tracker.set_tags({"model_summary": _summary_text(model), "densepipe.threads": str(torch.get_num_threads())})
     _mark_done(resume_path)
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "per_sec" not in k}
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     print(f"train: {len(history)} epoch(s); {shown}")
 
 

@@ -96,6 +96,7 @@ class Trainer:
         self.stop, self.stop_reason = False, None
         self.restored_epoch: int | None = None  # set when a callback put an earlier epoch's weights back
         self.saved_epoch: int | None = None     # the epoch whose weights a callback last wrote to the model file
+        self.saved_weights: dict | None = None  # ... and those weights, kept for a resume that lost the file
         self.shuffle_gen = torch.Generator(device=self.device).manual_seed(seed)
         torch.manual_seed(seed)  # dropout and noise layers draw from the global generator
         self.dense_names = list(model.dense_layers())
@@ -130,7 +131,7 @@ class Trainer:
     def save_model(self, epoch: int) -> None:
         if self._save_model is not None:
             self._save_model(epoch + 1)
-            self.saved_epoch = epoch
+            self.saved_epoch, self.saved_weights = epoch, self.weights_copy()
 
     # -------------------------------------------------------------------- resume
     def state_dict(self, epoch: int) -> dict:
@@ -142,6 +143,7 @@ class Trainer:
             "history": self.history.records,
             "shuffle_rng": self.shuffle_gen.get_state(),  # the global generator is seeded per epoch
             "saved_epoch": self.saved_epoch,
+            "saved_weights": self.saved_weights,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -152,7 +154,7 @@ class Trainer:
         self.history.records = list(state["history"])
         self.shuffle_gen.set_state(state["shuffle_rng"])
         self.start_epoch = int(state["epoch"])
-        self.saved_epoch = state.get("saved_epoch")
+        self.saved_epoch, self.saved_weights = state.get("saved_epoch"), state.get("saved_weights")
 
     # ------------------------------------------------------------------- losses
     def _loss_sums(self, raw: dict[str, Tensor], targets: dict[str, Tensor],
