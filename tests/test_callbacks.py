@@ -355,6 +355,14 @@ def test_terminate_on_nan_stops_quietly_with_good_weights():
     assert all(math.isfinite(v) for r in history.records for v in r.values())
 
 
+def test_terminate_on_nan_in_the_first_epoch_is_an_error():
+    # No epoch finished: there are no good weights to keep, and a quiet stop would leave the untrained model.
+    trainer = make_trainer([{"type": "terminate_on_nan"}], epochs=3, lr=1e12)
+    with pytest.raises(DivergenceError, match=r"at epoch 1, batch \d+"):
+        trainer.fit(regression_data())
+    assert len(trainer.history) == 0
+
+
 def test_callback_state_round_trips():
     trainer = make_trainer([{"type": "early_stopping", "patience": 5, "restore_best_weights": True},
                             {"type": "reduce_on_plateau", "patience": 1}])

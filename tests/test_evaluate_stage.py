@@ -139,3 +139,43 @@ def test_two_identical_training_runs_write_the_same_model_file(trained, capsys):
     assert _sha(again / "model.pt") == _sha(model_dir / "model.pt")
     assert _sha(again / "checkpoint.pt") == _sha(model_dir / "checkpoint.pt")  # the finished-run mark
     capsys.readouterr()
+
+
+def test_confusion_matrix_axes_follow_the_matrix_order():
+    # The metrics file sorts its keys as text (10 before 2): the axes must not take their order from there.
+    import numpy as np
+
+    from densepipe.evaluate import evaluate_output
+    from densepipe.report.figures import confusion
+
+    y = np.array([0, 0, 1, 2, 2, 2])                    # classes 2, 10, 11 by index
+    prob = np.eye(3)[[0, 1, 1, 2, 2, 0]]
+    metrics, _ = evaluate_output("multiclass", prob, y, {"classes": [2, 10, 11]})
+    stored = json.loads(json.dumps(metrics, sort_keys=True, default=float))
+    assert list(stored["per_class"]) == ["10", "11", "2"]
+    ax = confusion({"metrics_full": {"target": stored}})[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["2", "10", "11"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "10", "11"]
+    assert stored["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+@pytest.mark.parametrize("classes, kind", [([0, 1, 2], "micro-average AUC"), ([0, 1], "AUC")])
+def test_roc_figure_names_the_average_it_plots(classes, kind):
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from densepipe.evaluate import evaluate_output
+    from densepipe.report.figures import roc
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % len(classes)
+    prob = rng.dirichlet(np.ones(len(classes)), 60) + 0.6 * np.eye(len(classes))[y]
+    prob = prob / prob.sum(1, keepdims=True)
+    task = "binary" if len(classes) == 2 else "multiclass"
+    metrics, plots = evaluate_output(task, prob[:, 1:] if task == "binary" else prob, y, {"classes": classes})
+    ax = roc({"metrics_full": {"target": metrics}, "plots": plots})[0].axes[0]
+    label = ax.get_legend().get_texts()[0].get_text()
+    onehot = np.eye(len(classes))[y]
+    area = roc_auc_score(onehot.ravel(), prob.ravel(), average="micro") if task == "multiclass" else \
+        metrics["roc_auc"]
+    assert label == f"model ({kind} {area:.3f})"

@@ -57,6 +57,7 @@ def _classification(prob: np.ndarray, y: np.ndarray, classes: list, threshold: f
             plots["roc"] = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
     out["log_loss"] = skm.log_loss(y, np.clip(full, 1e-7, 1 - 1e-7), labels=labels)
     out["confusion_matrix"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
+    out["classes"] = [str(c) for c in classes]  # the matrix's row / column order (JSON keys get sorted)
     return out, plots
 
 

@@ -13,7 +13,7 @@ from densepipe.registry import Registry
 CHECKS: Registry = Registry("diagnostic")
 
 VANISHING_RATIO = 1e-3   # a layer's gradient this much smaller than the largest layer's
-EXPLODING_NORM = 1e3     # a gradient norm above this
+EXPLODING_GROWTH = 1e2   # a layer's gradient norm this many times its first epoch's
 DEAD_FRACTION = 0.10     # share of a ReLU layer's units that never fire
 
 
@@ -27,10 +27,12 @@ def overfitting(ctx):
     val_rise = h["val_loss"].iloc[last] - h["val_loss"].iloc[best]
     train_drop = h["loss"].iloc[best] - h["loss"].iloc[last]
     if best < last - 1 and val_rise > 0.05 * abs(h["val_loss"].iloc[best]) and train_drop > 0:
-        return (f"Overfitting: validation loss was lowest at epoch {int(h['epoch'].iloc[best])} "
-                f"({h['val_loss'].iloc[best]:.4g}) and rose to {h['val_loss'].iloc[last]:.4g} while the "
-                "training loss kept falling. Try early stopping with restore_best_weights, dropout, "
-                "L2 regularization or fewer units.")
+        best_epoch = int(h["epoch"].iloc[best])
+        said = (f"Overfitting: validation loss was lowest at epoch {best_epoch} ({h['val_loss'].iloc[best]:.4g}) "
+                f"and rose to {h['val_loss'].iloc[last]:.4g} while the training loss kept falling.")
+        if ctx.get("held_epoch") == best_epoch:  # restored best weights or a best-only checkpoint
+            return f"{said} The model file holds epoch {best_epoch}, so the test metrics are those of the best one."
+        return f"{said} Try early stopping with restore_best_weights, dropout, L2 regularization or fewer units."
     return None
 
 
@@ -44,6 +46,9 @@ def underfitting(ctx):
     if acc is not None and acc < 0.7:
         return (f"Underfitting: training accuracy ends at {acc:.3f}. The model may be too small, the "
                 "learning rate too low, or training too short; try more units/layers or epochs.")
+    if last > first:
+        return (f"Underfitting: the training loss rose ({first:.4g} -> {last:.4g}). The learning rate may be "
+                "too high, or the inputs or target unscaled (scale.numeric, scale.target).")
     if first > 0 and (first - last) / first < 0.1:
         return (f"Underfitting: the training loss barely moved ({first:.4g} -> {last:.4g}). Check the "
                 "learning rate and the input scaling, or train longer.")
@@ -74,11 +79,19 @@ def exploding(ctx):
     g = _grad_table(ctx["history"])
     if g.empty:
         return None
-    peak = float(np.nanmax(g.to_numpy()))
-    if peak > EXPLODING_NORM or not np.isfinite(peak):
-        return (f"Exploding gradients: a gradient norm reached {peak:.3g}. Try gradient clipping "
-                "(train.clip.norm: 1.0), a lower learning rate or batch normalization.")
-    return None
+    # Growth, not size: a norm's scale follows the loss's (an unscaled regression target has large
+    # but healthy gradients); one that grows a hundredfold over training is running away.
+    growth = g.max() / g.iloc[0].where(g.iloc[0] > 0)
+    if not np.isfinite(g.to_numpy()).all():
+        said = "a gradient norm became NaN/inf"
+    elif (growth > EXPLODING_GROWTH).any():
+        layer = growth.idxmax()
+        said = (f"the gradient norm of {layer.removeprefix('grad_norm/')} grew {growth.max():.3g}x over "
+                f"training (first epoch {g[layer].iloc[0]:.3g}, peak {g[layer].max():.3g})")
+    else:
+        return None
+    return (f"Exploding gradients: {said}. Try gradient clipping (train.clip.norm: 1.0), a lower learning "
+            "rate or batch normalization.")
 
 
 @CHECKS.register("dead_relu")

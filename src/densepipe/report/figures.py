@@ -84,7 +84,7 @@ def confusion(ctx):
         cm = m.get("confusion_matrix")
         if cm is None:
             continue
-        classes = list(m.get("per_class", {}).keys())
+        classes = m["classes"]  # the matrix's order; per_class's keys come back sorted as text
         cm = np.asarray(cm)
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.imshow(cm, cmap="Blues")
@@ -104,16 +104,27 @@ def _plot_tables(ctx, suffix: str):
     return {k: v for k, v in ctx["plots"].items() if k == suffix or k.endswith("_" + suffix)}
 
 
+def _classes_of(ctx, plot_name: str) -> int:
+    """Classes of the output a plot table belongs to ("roc" for one output, "<output>_roc" for several)."""
+    outputs = ctx["metrics_full"]
+    name = next((o for o in outputs if plot_name == f"{o}_roc"), next(iter(outputs), None))
+    return len(outputs.get(name, {}).get("classes", ()))
+
+
 @FIGURES.register("roc")
 def roc(ctx):
     figs = []
     for name, t in _plot_tables(ctx, "roc").items():
         fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.plot(t["fpr"], t["tpr"], label="model")
+        # Several classes: every (row, class) pair as one decision, so the area under this curve is the
+        # micro average, while the table's roc_auc is the macro one; the label says which.
+        area = float(np.trapezoid(t["tpr"], t["fpr"]))
+        kind = "micro-average AUC" if len(t) and _classes_of(ctx, name) > 2 else "AUC"
+        ax.plot(t["fpr"], t["tpr"], label=f"model ({kind} {area:.3f})")
         ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.set_title(f"ROC curve ({name}, test)")
+        ax.set_title(f"ROC curve ({name}, test{', one-vs-rest' if 'micro' in kind else ''})")
         ax.legend(fontsize=8)
         figs.append(fig)
     return figs or None

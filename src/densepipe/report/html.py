@@ -30,6 +30,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):  # before int, which it is too
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int):
@@ -50,15 +52,15 @@ def _metric_rows(metrics: dict, prefix: str = "") -> list[dict]:
 
 def render(title: str, figures: list[tuple[str, bytes]], flags: list[tuple[str, str]], summary: list[dict],
            test_metrics: dict, train_metrics: dict, params: dict, per_class: dict | None = None) -> str:
+    """per_class: output name ("" for a model with one output) -> class -> precision, recall, ..."""
     flag_html = ("".join(f'<div class="flag"><b>{html.escape(n.replace("_", " "))}</b>: {html.escape(m)}</div>'
                          for n, m in flags)
                  or '<div class="ok">No warning signs in the training history.</div>')
     figs = "".join(f'<figure><img alt="{html.escape(n)}" src="{data_uri(png)}"><figcaption>'
                    f'{html.escape(n.replace("_", " "))}</figcaption></figure>' for n, png in figures)
-    per_class_html = ""
-    if per_class:
-        rows = [{"class": c, **v} for c, v in per_class.items()]
-        per_class_html = f"<h3>Per class</h3>{_table(rows)}"
+    per_class_html = "".join(
+        f"<h3>Per class{f' ({html.escape(name)})' if name else ''}</h3>"
+        f"{_table([{'class': c, **v} for c, v in table.items()])}" for name, table in (per_class or {}).items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head><body>

@@ -17,7 +17,7 @@ from densepipe.io import write_json, write_with
 from densepipe.predict import model_outputs, predict_frame
 from densepipe.stages.common import load_params
 
-PLOT_ONLY = ("confusion_matrix",)  # kept out of the metrics file: it is plot data
+PLOT_ONLY = ("confusion_matrix", "classes")  # kept out of the metrics file: plot data
 
 
 def add_arguments(p) -> None:

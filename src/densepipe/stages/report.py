@@ -58,10 +58,13 @@ def run(args) -> None:
     loaded = load_model(args.model)
     ctx = _context(args, loaded, cfg.report.max_histogram_layers)
     figures = render_all(ctx)
-    flags = run_checks(ctx)
     test_metrics = json.loads(Path(args.test_metrics).read_text())
     train_metrics = json.loads(Path(args.train_metrics).read_text())
-    per_class = test_metrics.get("per_class") if isinstance(test_metrics.get("per_class"), dict) else None
+    ctx["held_epoch"] = train_metrics.get("epoch")  # the epoch whose weights the model file holds
+    flags = run_checks(ctx)
+    # One table per classification output: at the top for one output, under each output's name for several.
+    per_class = ({"": test_metrics["per_class"]} if isinstance(test_metrics.get("per_class"), dict) else
+                 {k: v["per_class"] for k, v in test_metrics.items() if isinstance(v, dict) and "per_class" in v})
     page = render(cfg.report.title, figures, flags, loaded.model.summary(), test_metrics, train_metrics,
                   config_mod.resolved(cfg), per_class)
     out = Path(args.out)

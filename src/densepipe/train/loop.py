@@ -372,7 +372,9 @@ class Trainer:
                        f"the weights of the last good epoch ({epoch}) were kept. Try a lower learning rate "
                        f"(train.optimizer.lr, now {lr:.3g}), gradient clipping (train.clip.norm: 1.0), "
                        f"or scaling the inputs (scale.numeric: standard).")
-                if terminate_quietly:
+                # terminate_on_nan keeps the last good epoch's weights quietly; before the first epoch
+                # finished there is none, and the model would be the untrained one: an error then.
+                if terminate_quietly and len(self.history):
                     self.log(msg)
                     self.stop_reason = msg
                     break
