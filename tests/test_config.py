@@ -205,3 +205,25 @@ def test_named_values_are_logged_under_one_key_with_or_without_arguments():
     assert with_args["train.loss.delta"] == "2.0" and "train.loss" not in plain
     assert plain["model.layers.0.initializer.name"] == "he_normal"
     assert with_args["model.layers.0.initializer.name"] == "orthogonal"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  epochs: 3\nmodel: {layers: [{type: dense, units: auto}]}\ntrain:\n  epochs: 1\n",
+     "key 'train' appears twice (lines 1 and 4); the second would replace the first: merge them"),
+    ("train: {epochs: 3, epochs: 4}\n", "key 'epochs' appears twice (lines 1 and 1)"),
+])
+def test_a_key_given_twice_is_refused(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML: {message}")
+
+
+def test_a_params_file_that_is_not_text_or_is_a_folder(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe train")
+    with pytest.raises(config.ConfigError, match="bad.yaml: not valid YAML: 'utf-8' codec can't decode"):
+        config.load(bad)
+    with pytest.raises(config.ConfigError, match="is a folder, not a params file"):
+        config.load(tmp_path)

@@ -64,3 +64,15 @@ def test_report_tables_show_flags_as_yes_or_no():
     from densepipe.report.html import _fmt
 
     assert [_fmt(True), _fmt(False), _fmt(3), _fmt(1234), _fmt(0.123456)] == ["yes", "no", "3", "1,234", "0.1235"]
+
+
+@pytest.mark.parametrize("layers", [3, 12])
+def test_gradient_norm_curves_each_get_their_own_colour(layers):
+    from matplotlib.colors import to_hex
+
+    from densepipe.report.figures import grad_norms
+
+    h = history([1.0, 0.9, 0.8], **norms(*([0.1, 0.2, 0.3],) * layers))
+    ax = grad_norms({"history": h}).axes[0]
+    assert len({to_hex(line.get_color()) for line in ax.get_lines()}) == layers
+    assert ax.get_title() == "gradient L2 norm per dense layer (RMS over the epoch's steps)"

@@ -665,14 +665,38 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: '{key}' does not exist in the params") from None
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping: plain YAML keeps the last one, so a second
+    `train:` block would silently drop everything the first one set."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                lines = f"lines {seen[key] + 1} and {key_node.start_mark.line + 1}"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice ({lines}); the second would replace the first: "
+                    "merge them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path):
+    """A YAML file as data; ConfigError for text that is not YAML (or not UTF-8) or a key given twice."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506  (a safe loader)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a params file") from None
+
+
 def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path) or {}
     for assignment in overrides:
         apply_override(raw, assignment)
     return parse(raw)

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from densepipe.config import ConfigError, format_errors
+from densepipe.config import ConfigError, format_errors, read_yaml
 from densepipe.io import write_bytes, write_text
 from densepipe.registry import Registry
 from densepipe.threads import share_cores
@@ -72,7 +71,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.exists():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        return SweepSpec.model_validate(yaml.safe_load(path.read_text()) or {})
+        return SweepSpec.model_validate(read_yaml(path) or {})
     except ValidationError as err:
         raise ConfigError(format_errors(err, SweepSpec).replace("invalid params", f"invalid sweep {path}")) from None
 

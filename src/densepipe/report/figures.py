@@ -30,9 +30,13 @@ def data_uri(png: bytes) -> str:
 
 
 def _curves(ax, history: pd.DataFrame, keys: list[str], title: str, logy: bool = False):
-    for k in keys:
+    # matplotlib's default cycle has 10 colours: more curves (a deep net's gradient norms) would repeat
+    # them, so those take evenly spaced colours of one map instead.
+    colors = plt.cm.turbo(np.linspace(0.05, 0.95, len(keys))) if len(keys) > 10 else [None] * len(keys)
+    for k, color in zip(keys, colors, strict=True):
         if k in history:
-            ax.plot(history["epoch"], history[k], label=k, marker="." if len(history) < 30 else None)
+            ax.plot(history["epoch"], history[k], label=k, color=color,
+                    marker="." if len(history) < 30 else None)
     ax.set_xlabel("epoch")
     ax.set_title(title)
     if logy:
@@ -74,7 +78,7 @@ def lr_curve(ctx):
 @FIGURES.register("gradient_norms")
 def grad_norms(ctx):
     return _history_figure(ctx, lambda c: c.startswith("grad_norm/"),
-                           "gradient L2 norm per dense layer (mean over batches)", logy=True)
+                           "gradient L2 norm per dense layer (RMS over the epoch's steps)", logy=True)
 
 
 @FIGURES.register("confusion_matrix")
