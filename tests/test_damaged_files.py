@@ -120,16 +120,20 @@ def test_divergence_in_the_first_epoch_keeps_the_existing_model_file(project, ca
     assert model.read_bytes() == before
 
 
-def test_ctrl_c_stops_with_a_short_message_and_exit_130(project):
-    params = {**PARAMS, "train": {**PARAMS["train"], "epochs": 100000}}
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_stopped_training_says_so_in_one_line_and_leaves_no_temp_files(project, sig, code, said):
+    # A checkpoint every epoch: the signal likely lands while one is being written.
+    params = {**PARAMS, "train": {**PARAMS["train"], "epochs": 100000, "checkpoint_every": 1}}
     (project / "long.yaml").write_text(yaml.safe_dump(params))
     argv = _train_argv(project, "long")
     argv[2] = str(project / "long.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "densepipe", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     time.sleep(8)  # well into training
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert err.strip().splitlines()[-1] == "densepipe train: interrupted"
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1] == f"densepipe train: {said}"
     assert "Traceback" not in err
+    assert not list((project / "long").glob(".*.tmp"))
+    assert (project / "long" / "ckpt.pt").exists()  # the last complete checkpoint: the next run resumes

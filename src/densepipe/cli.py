@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -161,7 +163,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, DivergenceError, WorkerFailure, UnreadableFile, OSError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a queue or a scheduler stopping the job), raised where the process is, as Ctrl-C is, so
+    that cleanup runs: the temp file of an output being written is removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: densepipe <command> [options]\ncommands: " + ", ".join(COMMANDS.names()))
@@ -179,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"densepipe {argv[0]}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Outputs are written atomically and a resume checkpoint is complete or absent: nothing to add.
-        print(f"densepipe {argv[0]}: interrupted", file=sys.stderr)
-        return 130
+        how, code = ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
+        print(f"densepipe {argv[0]}: {how}", file=sys.stderr)
+        return code
     return 0
 
 
