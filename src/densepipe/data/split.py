@@ -70,12 +70,11 @@ def _check_task(target: pd.Series, task: str, declared: str) -> None:
         raise DataError(f"target column '{name}' has {distinct} distinct values but data.task is 'binary', "
                         f"which needs exactly two; use data.task: "
                         f"{'multiclass' if distinct <= MAX_CLASSES_FOR_INT_TARGET else 'regression'} or auto")
-    text = target[pd.to_numeric(target, errors="coerce").isna()] if task == "regression" else target[:0]
+    text = target[pd.to_numeric(target, errors="coerce").isna()] if task == "regression" else ()
     if len(text):
-        text = text.iloc[0]
-        raise DataError(f"target column '{name}' holds text ({shown(text)}) but data.task is '{declared}', "
-                        f"which needs numbers; use data.task: {'binary' if distinct == 2 else 'multiclass'} "
-                        "or auto")
+        raise DataError(f"target column '{name}' holds text ({shown(text.iloc[0])}) but data.task is "
+                        f"'{declared}', which needs numbers; use data.task: "
+                        f"{'binary' if distinct == 2 else 'multiclass'} or auto")
 
 
 def split_frame(frame: pd.DataFrame, targets: list[str], tasks: dict[str, str], cfg, seed: int):
