@@ -5,6 +5,7 @@ it, a non-zero exit, and the files already written left as they were."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -12,8 +13,10 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
+from densepipe import checkpoint as ckpt
 from densepipe.cli import main
 
 PARAMS = {
@@ -57,6 +60,7 @@ def _fails(capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err
+    return err
 
 
 REMEDY_TRAIN = "; run the train stage again (dvc repro, or densepipe train)"
@@ -115,9 +119,34 @@ def test_outputs_get_the_usual_file_mode(project):
 def test_divergence_in_the_first_epoch_keeps_the_existing_model_file(project, capsys):
     model = project / "run" / "model.pt"
     before = model.read_bytes()
-    _fails(capsys, _train_argv(project, "run", "--set", "train.optimizer={name: sgd, lr: 1e12}",
+    err = _fails(capsys, _train_argv(project, "run", "--set", "train.optimizer={name: sgd, lr: 1e12}",
                                "--set", "train.epochs=3"), "training diverged")
     assert model.read_bytes() == before
+    assert "no epoch finished, so there are no trained weights to keep" in err and f"{model} was not written" in err
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_divergence_after_good_epochs_keeps_a_good_model_file_and_says_which(project, capsys, checkpoint):
+    # The learning rate grows a thousandfold per epoch: the first epochs are good, a later one diverges.
+    callbacks = "{type: exponential_decay, gamma: 1000}" + (
+        ", {type: model_checkpoint, monitor: loss, save_best_only: true}" if checkpoint else "")
+    argv = _train_argv(project, "div", "--set", "train.optimizer={name: sgd, lr: 0.001}", "--set", "train.epochs=30",
+                       "--set", f"train.callbacks=[{callbacks}]")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    m = re.search(r"at epoch (\d+), batch \d+; the weights after epoch (\d+), the last good one, were restored", err)
+    assert m, err
+    bad, good = int(m.group(1)), int(m.group(2))
+    assert good == bad - 1 >= 1
+    model = project / "div" / "model.pt"
+    loaded = ckpt.load_model(model)
+    assert all(torch.isfinite(t).all() for t in loaded.model.state_dict().values())
+    if checkpoint:  # the callback's pick stays: the epoch of least loss, which it names
+        assert f"{model} holds epoch {loaded.epoch}, which model_checkpoint wrote" in err
+        assert 1 <= loaded.epoch <= good
+    else:
+        assert f"{model} holds those weights (epoch {good})" in err
+        assert loaded.epoch == good
 
 
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])

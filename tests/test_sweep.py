@@ -73,6 +73,8 @@ def test_sweep_spec_errors_and_samplers(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_spec(bad)
     assert "metrc: unknown key (did you mean 'metric'?)" in str(err.value)
+    with pytest.raises(ConfigError, match="is a folder, not a sweep file"):
+        load_spec(tmp_path)
     spec = SweepSpec(parameters={"a": [1, 2, 3], "b": ["x", "y"]})
     assert len(grid_trials(spec)) == 6
     spec = SweepSpec(method="random", trials=50, seed=3,

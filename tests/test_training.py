@@ -349,26 +349,32 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     assert outputs(killed)[0] == h1
 
 
-def test_resume_rewrites_a_best_only_model_file_that_was_removed(tmp_path, monkeypatch, capsys):
-    # dvc repro removes a stage's outputs before it runs it again: a resumed run whose best epoch came
-    # before the kill must write the model file again, from the weights its resume state kept.
-    best_first = {"type": "model_checkpoint", "monitor": "lr", "mode": "max", "save_best_only": True}
+@pytest.mark.parametrize("best_only", [True, False])
+def test_resume_rewrites_a_checkpointed_model_file_that_was_removed(tmp_path, monkeypatch, capsys, best_only):
+    # dvc repro removes a stage's outputs before it runs it again: a resumed run whose model file a
+    # callback wrote must write it again, from the weights its resume state kept. Best only, the lr
+    # only falls and the first epoch stays the best; every epoch, the file holds the latest weights,
+    # which the resume state keeps once, as the model's.
+    checkpoint = {"type": "model_checkpoint", "monitor": "lr", "mode": "max", "save_best_only": best_only}
     params = {**PARAMS, "train": {**PARAMS["train"],
-                                  "callbacks": [*PARAMS["train"]["callbacks"][:2], best_first]}}
+                                  "callbacks": [*PARAMS["train"]["callbacks"][:2], checkpoint]}}
     prepare_data(tmp_path, params)
     whole = stage_args(tmp_path, "whole")
     train_stage.run(whole)
     killed = stage_args(tmp_path, "killed")
     kill_after_epoch(monkeypatch, killed, 3)
+    state = torch.load(killed.checkpoint, weights_only=True)
+    assert state["saved_epoch"] == (0 if best_only else 2)
+    assert (state["saved_weights"] is not None) == best_only
     Path(killed.model).unlink()
     capsys.readouterr()
     train_stage.run(killed)
     assert "resuming from" in capsys.readouterr().out
     h1, m1, w1 = outputs(whole)
     h2, m2, w2 = outputs(killed)
-    assert h2 == h1 and m2 == m1 and m1["epoch"] == 1  # the lr only falls: the first epoch is the best
+    assert h2 == h1 and m2 == m1
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    assert torch.load(killed.model, weights_only=True)["epoch"] == 1
+    assert torch.load(killed.model, weights_only=True)["epoch"] == (1 if best_only else PARAMS["train"]["epochs"])
 
 
 def test_resume_ignores_display_settings_but_not_training_ones(tmp_path, monkeypatch, capsys):

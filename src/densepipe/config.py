@@ -682,14 +682,15 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml(path: Path):
-    """A YAML file as data; ConfigError for text that is not YAML (or not UTF-8) or a key given twice."""
+def read_yaml(path: Path, kind: str = "params file"):
+    """A YAML file as data; ConfigError for text that is not YAML (or not UTF-8), a key given twice,
+    or a folder. kind: what the file should be, for that message."""
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506  (a safe loader)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder, not a params file") from None
+        raise ConfigError(f"{path} is a folder, not a {kind}") from None
 
 
 def load(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Config:

@@ -71,7 +71,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.exists():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        return SweepSpec.model_validate(read_yaml(path) or {})
+        return SweepSpec.model_validate(read_yaml(path, "sweep file") or {})
     except ValidationError as err:
         raise ConfigError(format_errors(err, SweepSpec).replace("invalid params", f"invalid sweep {path}")) from None
 

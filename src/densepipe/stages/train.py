@@ -162,15 +162,21 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
         tracker.log_params({k: v for k, v in params.items() if k not in _SET_AFTER_TRAINING})
     try:
         history = trainer.fit(train, val)
-    except DivergenceError:
+    except DivergenceError as err:
         # The last good weights go to the model file, for inspection, unless no epoch finished (they
         # would be the untrained ones) or a checkpoint callback already wrote a good epoch there.
-        if ctx.main and len(trainer.history) and trainer.saved_epoch is None:
-            save_model(len(trainer.history))
+        if trainer.saved_epoch is not None:
+            where = f"{model_path} holds epoch {trainer.saved_epoch + 1}, which model_checkpoint wrote."
+        elif len(trainer.history):
+            where = f"{model_path} holds those weights (epoch {len(trainer.history)})."
+            if ctx.main:
+                save_model(len(trainer.history))
+        else:
+            where = f"{model_path} was not written."
         tracker.log_history(trainer.history.records)
         tracker.finish("FAILED")
         distributed.barrier()  # the launcher stops the job at the first failed rank: rank 0 writes first
-        raise
+        raise DivergenceError(f"{err} {where}") from None
     if not ctx.main:
         return  # rank 0 writes the outputs
     held = trainer.saved_epoch  # a checkpoint callback's pick (its best epoch, or the last)

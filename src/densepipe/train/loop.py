@@ -135,6 +135,9 @@ class Trainer:
 
     # -------------------------------------------------------------------- resume
     def state_dict(self, epoch: int) -> dict:
+        saved = self.saved_weights
+        if saved is not None and all(torch.equal(saved[k], v) for k, v in self.model.state_dict().items()):
+            saved = None  # the weights of the model file are the model's own (its latest epoch): kept once
         return {
             "epoch": epoch,  # epochs completed
             "model": self.model.state_dict(),
@@ -143,7 +146,7 @@ class Trainer:
             "history": self.history.records,
             "shuffle_rng": self.shuffle_gen.get_state(),  # the global generator is seeded per epoch
             "saved_epoch": self.saved_epoch,
-            "saved_weights": self.saved_weights,
+            "saved_weights": saved,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -155,6 +158,8 @@ class Trainer:
         self.shuffle_gen.set_state(state["shuffle_rng"])
         self.start_epoch = int(state["epoch"])
         self.saved_epoch, self.saved_weights = state.get("saved_epoch"), state.get("saved_weights")
+        if self.saved_epoch is not None and self.saved_weights is None:  # stored once, as the model's
+            self.saved_weights = self.weights_copy()
 
     # ------------------------------------------------------------------- losses
     def _loss_sums(self, raw: dict[str, Tensor], targets: dict[str, Tensor],
@@ -368,10 +373,11 @@ class Trainer:
                 logs.update(self._logs("val_", flat[pos:pos + k], flat[pos + k:]))
             if bad >= 0:
                 self.load_weights(last_good)
+                kept = (f"the weights after epoch {epoch}, the last good one, were restored" if epoch
+                        else "no epoch finished, so there are no trained weights to keep")
                 msg = (f"training diverged: the loss became NaN/inf at epoch {epoch + 1}, batch {bad + 1}; "
-                       f"the weights of the last good epoch ({epoch}) were kept. Try a lower learning rate "
-                       f"(train.optimizer.lr, now {lr:.3g}), gradient clipping (train.clip.norm: 1.0), "
-                       f"or scaling the inputs (scale.numeric: standard).")
+                       f"{kept}. Try a lower learning rate (train.optimizer.lr, now {lr:.3g}), gradient "
+                       f"clipping (train.clip.norm: 1.0), or scaling the inputs (scale.numeric: standard).")
                 # terminate_on_nan keeps the last good epoch's weights quietly; before the first epoch
                 # finished there is none, and the model would be the untrained one: an error then.
                 if terminate_quietly and len(self.history):
