@@ -7,7 +7,7 @@ import torch
 from sklearn import metrics as skm
 
 from densepipe import config
-from densepipe.metrics import METRICS, metric_mode
+from densepipe.metrics import AUC_THRESHOLDS, METRICS, auc_thresholds, metric_mode
 from densepipe.nn.model import DataSpec, TargetSpec, build_model
 from densepipe.train import loop
 from densepipe.train.loop import Split, Trainer
@@ -101,7 +101,7 @@ def test_training_metrics_over_shuffled_uneven_batches_equal_sklearn():
     cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 8, "activation": "tanh"},
                                              {"type": "dense", "units": "auto", "activation": "auto"}]},
                         "train": {"epochs": 1, "batch_size": 37, "optimizer": {"name": "sgd", "lr": 1e-30},
-                                  "metrics": ["accuracy", "precision", "recall", "f1"], "progress": "quiet"}})
+                                  "metrics": ["accuracy", "precision", "recall", "f1", "auc"], "progress": "quiet"}})
     spec = DataSpec({"features": 4}, {"target": TargetSpec("binary", 1)})
     model = build_model(cfg.model, cfg.train, spec, seed=1)
     x = torch.randn(500, 4, generator=GEN)
@@ -112,6 +112,10 @@ def test_training_metrics_over_shuffled_uneven_batches_equal_sklearn():
     expected = {"accuracy": skm.accuracy_score(y, pred), "precision": skm.precision_score(y, pred),
                 "recall": skm.recall_score(y, pred), "f1": skm.f1_score(y, pred)}
     assert {k: logs[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    # The thresholded area: the same counts in any order of batches, near the exact area.
+    whole = METRICS["auc"]
+    assert logs["auc"] == pytest.approx(whole.finish(whole.stats(prob[:, None], y)).item(), abs=1e-12)
+    assert logs["auc"] == pytest.approx(skm.roc_auc_score(y.numpy(), prob.numpy()), abs=2e-3)
     assert logs["loss"] == pytest.approx(skm.log_loss(y.numpy(), prob.double().numpy()), rel=1e-5)
 
 
@@ -195,3 +199,43 @@ def test_a_probability_of_exactly_one_half_is_the_negative_class():
     assert METRICS["accuracy"].finish(stats).item() == 1.0
     assert predicted_labels(prob.numpy()).tolist() == [0, 0, 1, 0]
     assert predicted_labels(np.array([0.3, 0.7]), threshold=0.7).tolist() == [0, 0]
+
+
+# ------------------------------------------------------------------------------------- AUC
+def on_the_grid(shape):
+    """Probabilities in the middle of the gaps between AUC thresholds: scores that share a gap are
+    equal, so the curve through the thresholds is the exact ROC curve."""
+    gaps = torch.randint(0, AUC_THRESHOLDS - 1, shape, generator=GEN)
+    return (gaps.double() + 0.5) / (AUC_THRESHOLDS - 1)
+
+
+def test_auc_on_grid_scores_is_the_exact_area():
+    prob = on_the_grid((N, 1))
+    y = (torch.rand(N, generator=GEN) < prob[:, 0]).long()  # better than chance: an area well above 0.5
+    expected = skm.roc_auc_score(y.numpy(), prob[:, 0].numpy())
+    assert expected > 0.6
+    assert accumulate("auc", prob, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auc_of_several_classes_is_the_micro_average_over_one_hot_labels():
+    prob = on_the_grid((N, 5))
+    y = torch.where(torch.rand(N, generator=GEN) < 0.5, prob.argmax(1), torch.randint(0, 5, (N,), generator=GEN))
+    hot = np.eye(5)[y.numpy()]
+    expected = skm.roc_auc_score(hot.ravel(), prob.numpy().ravel())
+    assert accumulate("AUC", prob, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auc_of_continuous_scores_is_close_to_the_exact_area():
+    # Between thresholds the curve is a straight line: the area differs from the exact one by little.
+    prob = torch.rand(N, 1, generator=GEN)
+    y = (torch.rand(N, generator=GEN) < prob[:, 0]).long()
+    assert accumulate("auc", prob, y) == pytest.approx(skm.roc_auc_score(y.numpy(), prob[:, 0].numpy()), abs=2e-3)
+    assert metric_mode("val_auc") == "max"
+
+
+def test_auc_thresholds_bracket_every_probability():
+    t = auc_thresholds()
+    assert len(t) == AUC_THRESHOLDS and t[0] < 0 and t[-1] > 1
+    assert torch.allclose(t[1:-1], torch.arange(1, AUC_THRESHOLDS - 1, dtype=torch.float64) / (AUC_THRESHOLDS - 1))
+    stats = METRICS["auc"].stats(torch.tensor([[0.0], [1.0], [0.5]]), torch.tensor([1, 0, 1]))
+    assert stats[:, 0].tolist() == [2, 1] and stats[:, -1].tolist() == [0, 0]

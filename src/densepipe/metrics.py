@@ -99,6 +99,54 @@ METRICS.add("f1", Metric(_confusion_stats, _per_class(lambda hit, npred, ntrue: 
                          "max", CLASS_TASKS))
 
 
+# Area under the ROC curve as Keras' AUC computes it: true and false positive counts at a fixed
+# grid of thresholds (counts add up over steps and ranks, unlike a ranking), the curve through
+# those points integrated by trapezoids. Close to the exact area (scikit-learn's roc_auc_score):
+# equal when no two distinct scores fall between the same pair of thresholds.
+AUC_THRESHOLDS = 200  # Keras' num_thresholds default
+
+
+def auc_thresholds(device=None) -> Tensor:
+    # Evenly spaced on [0, 1], the ends just outside it: every probability is above the first
+    # threshold (its counts are all positives and all negatives) and none above the last.
+    t = torch.linspace(0, 1, AUC_THRESHOLDS, dtype=torch.float64, device=device)
+    t[0], t[-1] = -1e-7, 1 + 1e-7
+    return t
+
+
+def _scores_and_labels(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Every (score, is-positive) pair the curve counts: a one-unit head's probability against its
+    0/1 label; a softmax's probabilities against the one-hot class ids, all pooled (the micro-average,
+    as Keras' AUC on one-hot labels)."""
+    t = target.reshape(-1).long()
+    if pred.dim() == 1 or pred.shape[-1] == 1:
+        return pred.reshape(-1), t == 1
+    hot = t[:, None] == torch.arange(pred.shape[-1], device=t.device)
+    return pred.reshape(-1), hot.reshape(-1)
+
+
+def _above(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """How many scores lie strictly above each threshold (sorted, then searched: deterministic)."""
+    ordered = scores.double().sort().values
+    return len(ordered) - torch.searchsorted(ordered, thresholds, right=True)
+
+
+def _auc_stats(pred, target):
+    """Positives and negatives scored above each threshold -> (2, thresholds)."""
+    score, positive = _scores_and_labels(pred, target)
+    thresholds = auc_thresholds(score.device)
+    return torch.stack([_above(score[positive], thresholds), _above(score[~positive], thresholds)]).double()
+
+
+def _auc_finish(s):
+    tpr = s[0] / s[0, 0].clamp_min(1)  # at the first threshold every score is above it
+    fpr = s[1] / s[1, 0].clamp_min(1)  # no positives or no negatives: area 0, as Keras
+    return ((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2).sum()
+
+
+METRICS.add("auc", Metric(_auc_stats, _auc_finish, "max", CLASS_TASKS), ("roc_auc",))
+
+
 def _abs_stats(pred, target):
     p, t = _flat(pred, target)
     return torch.stack([(p - t).abs().sum().double(), _count(t)])
