@@ -161,11 +161,29 @@ def fitted_lrs(callbacks, epochs):
     return trainer.fit(regression_data(n=32)).series("lr")
 
 
+def keras_scheduler_example(hold: int):
+    """Keras' LearningRateScheduler example (lr kept for `hold` epochs, then lr * exp(-0.1) at each
+    epoch's start) as a factor on the base lr per epoch, stepping the lr as Keras does."""
+    def factor(epoch: int) -> float:
+        lr = 1.0
+        for e in range(epoch + 1):
+            lr = lr if e < hold else lr * math.exp(-0.1)
+        return lr
+    return factor
+
+
 SCHEDULES = [
     ({"type": "step_decay", "step_size": 3, "gamma": 0.5}, lambda e: 0.5 ** (e // 3),
      lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
     ({"type": "exponential_decay", "gamma": 0.8}, lambda e: 0.8 ** e,
      lambda o: lr_scheduler.ExponentialLR(o, gamma=0.8)),
+    ({"type": "multistep", "milestones": [2, 5, 6], "gamma": 0.5},
+     lambda e: 0.5 ** sum(e >= m for m in (2, 5, 6)),
+     lambda o: lr_scheduler.MultiStepLR(o, milestones=[2, 5, 6], gamma=0.5)),
+    # Keras' LearningRateScheduler example: the lr held for ten epochs, then times exp(-0.1) each epoch.
+    ({"type": "exponential_decay", "gamma": math.exp(-0.1), "hold_epochs": 4},
+     lambda e: math.exp(-0.1) ** max(0, e - 3),
+     lambda o: lr_scheduler.LambdaLR(o, keras_scheduler_example(hold=4))),
     ({"type": "cosine", "t_max": 10, "min_factor": 0.1},
      lambda e: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 10)),
      lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=0.1 * BASE_LR)),
@@ -174,7 +192,8 @@ SCHEDULES = [
 ]
 
 
-@pytest.mark.parametrize("callback,formula,reference", SCHEDULES, ids=[s[0]["type"] for s in SCHEDULES])
+@pytest.mark.parametrize("callback,formula,reference", SCHEDULES, ids=[
+    "-".join(map(str, s[0].values())) for s in SCHEDULES])
 def test_lr_schedules_match_formula_and_torch(callback, formula, reference):
     epochs = 11
     trainer = make_trainer([callback], epochs=epochs)

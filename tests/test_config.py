@@ -72,7 +72,7 @@ def with_model(layers=None, **sections):
      r"train\.optimizer\.name: unknown optimizer 'adamm' \(did you mean 'adam'\?\); "
      r"allowed: adagrad, adam, "),
     (with_model(train={"metrics": ["accuracyy"]}),
-     r"train\.metrics: unknown metric 'accuracyy' \(did you mean 'accuracy'\?\); allowed: accuracy, f1"),
+     r"train\.metrics: unknown metric 'accuracyy' \(did you mean 'accuracy'\?\); allowed: accuracy, auc, f1"),
     (with_model(train={"callbacks": [{"type": "early_stoping"}]}),
      r"train\.callbacks\[0\]\.type: unknown callback 'early_stoping' \(did you mean 'early_stopping'\?\)"),
     (with_model(data={"source": "digit"}),
@@ -87,6 +87,9 @@ def with_model(layers=None, **sections):
      r"'patience'\?\); allowed: monitor, min_delta, patience"),
     (with_model(train={"callbacks": [{"type": "reduce_on_plateau", "factor": 2}]}),
      r"callback reduce_on_plateau: factor: Input should be less than 1 \(got 2\)"),
+    (with_model(train={"callbacks": [{"type": "multistep", "milestones": [5, 3]}]}),
+     r"train\.callbacks\[0\]: callback multistep: milestones: milestones must be increasing epochs of at "
+     r"least 1 \(got \[5, 3\]\)$"),
     # wiring that needs no data
     ({"model": {"layers": [{"type": "dense", "units": "auto"}, *OUT]}},
      r"model\.layers\[0\] \(dense_1\): units: auto is only allowed on a model output \(dense_2\)"),

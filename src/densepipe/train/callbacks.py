@@ -10,10 +10,11 @@ a resume checkpoint can carry.
 from __future__ import annotations
 
 import abc
+import bisect
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from densepipe.metrics import metric_mode
 from densepipe.registry import Registry
@@ -186,13 +187,33 @@ class StepDecay(_Schedule):
         return self.args.gamma ** (epoch // self.args.step_size)
 
 
+@register("multistep", "multistep_lr", "multi_step")
+class MultiStep(_Schedule):
+    class Args(Args):
+        milestones: list[int] = Field(min_length=1)  # epochs (0-based, as torch's MultiStepLR) that decay
+        gamma: float = Field(0.1, gt=0)              # factor per milestone passed
+
+        @field_validator("milestones")
+        @classmethod
+        def _increasing(cls, v):
+            if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+                raise ValueError("milestones must be increasing epochs of at least 1")
+            return v
+
+    def lr_factor(self, epoch):
+        return self.args.gamma ** bisect.bisect_right(self.args.milestones, epoch)
+
+
 @register("exponential_decay", "exponential", "exponential_lr")
 class ExponentialDecay(_Schedule):
     class Args(Args):
         gamma: float = Field(0.95, gt=0)   # factor per epoch
+        # Epochs at the base lr before the decay: 1, the first epoch only, as torch's ExponentialLR;
+        # 10 is Keras' LearningRateScheduler example (ten epochs held, then lr * exp(-0.1) per epoch).
+        hold_epochs: int = Field(1, ge=0)
 
     def lr_factor(self, epoch):
-        return self.args.gamma ** epoch
+        return self.args.gamma ** max(0, epoch - self.args.hold_epochs + 1)
 
 
 @register("cosine", "cosine_decay", "cosine_annealing")
@@ -290,7 +311,7 @@ def check_callback_args(name: str, args: dict) -> None:
                 parts.append(f"unknown argument '{key}'{did_you_mean(key, allowed)}; "
                              f"allowed: {', '.join(allowed) or '(none)'}")
             else:
-                parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+                parts.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
         raise ValueError(f"callback {name}: " + "; ".join(parts)) from None
 
 
