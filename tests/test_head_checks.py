@@ -34,7 +34,7 @@ HEADS = {
 CLASS_LOSSES = {"sparse_categorical_crossentropy", "categorical_crossentropy", "kl_divergence"}
 VALUE_LOSSES = {"mse", "mae", "huber", "log_cosh"}
 CLASS_METRICS = {"accuracy", "precision", "recall", "f1", "auc"}
-VALUE_METRICS = {"mae", "mse", "rmse", "r2"}
+VALUE_METRICS = {"mae", "mse", "rmse", "r2", "mape", "msle"}
 # What each head can be trained with: a one-unit binary head also takes the value losses and
 # metrics (its probability against the 0/1 label); a softmax's scores do not line up with one id.
 FITTING_LOSSES = {
@@ -124,7 +124,7 @@ def test_a_binary_target_on_two_units_is_read_as_two_classes():
 
 def test_metric_task_mismatches_name_the_metric_and_the_task():
     with pytest.raises(ValueError, match=r"metric 'accuracy' does not fit target 'target', which is regression "
-                                         r"\(1 unit\); metrics for it: mae, mse, rmse, r2$"):
+                                         r"\(1 unit\); metrics for it: mae, mse, rmse, r2, mape, msle$"):
         build("regression", metrics=["acc"])
     with pytest.raises(ValueError, match=r"metric 'mae' .* multiclass \(10 units\); "
                                          r"metrics for it: accuracy, precision, recall, f1, auc$"):

@@ -1,6 +1,8 @@
 """Metrics accumulated as sufficient statistics over uneven batches equal
 scikit-learn's value on the whole set."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,28 @@ def test_regression_metrics(name, reference, width):
     assert accumulate(name, pred, target) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("width", [1, 3])
+@pytest.mark.parametrize("name,reference", [
+    ("mape", lambda t, p: 100 * skm.mean_absolute_percentage_error(t, p)),   # Keras' mape is in percent
+    ("mean_squared_logarithmic_error", skm.mean_squared_log_error),
+])
+def test_relative_regression_metrics(name, reference, width):
+    # Positive targets away from 0 (the percentage divides by them) and predictions at least 0
+    # (scikit-learn refuses the log of a negative; Keras reads it as epsilon).
+    y = torch.rand(N, width, generator=GEN, dtype=torch.float64) * 10 + 0.5
+    pred = (y * (1 + 0.3 * torch.randn(N, width, generator=GEN, dtype=torch.float64))).clamp_min(0)
+    target = y[:, 0] if width == 1 else y
+    expected = reference(target.numpy(), pred.numpy() if width > 1 else pred[:, 0].numpy())
+    assert accumulate(name, pred, target) == pytest.approx(expected, rel=1e-9)
+
+
+def test_relative_regression_metrics_read_values_below_epsilon_as_epsilon():
+    pred, target = torch.tensor([[-5.0], [2.0]], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    msle = (math.log1p(1e-7) - math.log1p(1e-7)) ** 2 + (math.log1p(2.0) - math.log1p(1.0)) ** 2
+    assert accumulate("msle", pred, target) == pytest.approx(msle / 2, rel=1e-12)
+    assert accumulate("mape", pred, target) == pytest.approx((100 * 5 / 1e-7 + 100) / 2, rel=1e-9)
+
+
 def test_modes():
     assert metric_mode("val_loss") == "min" and metric_mode("val_accuracy") == "max"
     assert metric_mode("r2") == "max" and metric_mode("val_rmse") == "min"
@@ -69,6 +93,7 @@ def test_modes():
     # several outputs prefix their metrics with the output's name
     assert metric_mode("val_species_accuracy") == "max" and metric_mode("width_r2") == "max"
     assert metric_mode("val_width_mae") == "min" and metric_mode("val_width_rmse") == "min"
+    assert metric_mode("val_mape") == "min" and metric_mode("msle") == "min"
     assert metric_mode("lr") is None and metric_mode("grad_norm/dense_1") is None  # no better direction
 
 

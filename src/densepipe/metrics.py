@@ -157,6 +157,22 @@ def _sq_stats(pred, target):
     return torch.stack([((p - t) ** 2).sum().double(), _count(t)])
 
 
+_EPS = 1e-7  # Keras' epsilon: the least target size a percentage divides by, the least value a log reads
+
+
+def _pct_stats(pred, target):
+    # Keras' mape, in percent: |error| relative to the target's own size.
+    p, t = _flat(pred, target)
+    return torch.stack([(100 * (p - t).abs() / t.abs().clamp_min(_EPS)).sum().double(), _count(t)])
+
+
+def _sq_log_stats(pred, target):
+    # Keras' msle: values below epsilon count as epsilon, so a negative value cannot make a NaN.
+    p, t = _flat(pred, target)
+    d = torch.log1p(p.clamp_min(_EPS)) - torch.log1p(t.clamp_min(_EPS))
+    return torch.stack([(d ** 2).sum().double(), _count(t)])
+
+
 def _r2_stats(pred, target):
     # Per output column: several outputs average their R^2, as scikit-learn's r2_score does.
     p, t = _flat(pred, target)
@@ -175,6 +191,8 @@ METRICS.add("mse", Metric(_sq_stats, _ratio, "min", VALUE_TASKS), ("mean_squared
 METRICS.add("rmse", Metric(_sq_stats, lambda s: _ratio(s).sqrt(), "min", VALUE_TASKS),
             ("root_mean_squared_error",))
 METRICS.add("r2", Metric(_r2_stats, _r2_finish, "max", VALUE_TASKS), ("r2_score",))
+METRICS.add("mape", Metric(_pct_stats, _ratio, "min", VALUE_TASKS), ("mean_absolute_percentage_error",))
+METRICS.add("msle", Metric(_sq_log_stats, _ratio, "min", VALUE_TASKS), ("mean_squared_logarithmic_error",))
 
 DEFAULT_METRICS = {"binary": ["accuracy"], "multiclass": ["accuracy"], "regression": ["mae"]}
 
