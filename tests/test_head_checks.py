@@ -33,6 +33,7 @@ HEADS = {
 }
 CLASS_LOSSES = {"sparse_categorical_crossentropy", "categorical_crossentropy", "kl_divergence"}
 VALUE_LOSSES = {"mse", "mae", "huber", "log_cosh"}
+RELATIVE_LOSSES = {"mape", "msle"}  # relative to the target's own values: not a 0/1 label's
 CLASS_METRICS = {"accuracy", "precision", "recall", "f1", "auc"}
 VALUE_METRICS = {"mae", "mse", "rmse", "r2", "mape", "msle"}
 # What each head can be trained with: a one-unit binary head also takes the value losses and
@@ -41,8 +42,8 @@ FITTING_LOSSES = {
     "binary": {"binary_crossentropy", "hinge", "squared_hinge", "perceptron"} | VALUE_LOSSES,
     "binary_on_two_units": CLASS_LOSSES,
     "multiclass": CLASS_LOSSES,
-    "regression": VALUE_LOSSES,
-    "reconstruction": VALUE_LOSSES,
+    "regression": VALUE_LOSSES | RELATIVE_LOSSES,
+    "reconstruction": VALUE_LOSSES | RELATIVE_LOSSES,
 }
 FITTING_METRICS = {
     "binary": CLASS_METRICS | VALUE_METRICS,
@@ -160,3 +161,27 @@ def test_train_command_reports_a_misfit_and_writes_nothing(digits, tmp_path, cap
     assert code == 1
     assert err.startswith("densepipe train: error: output 'dense_2': ") and message in err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("loss", sorted(RELATIVE_LOSSES))
+def test_a_loss_on_the_target_s_own_values_refuses_a_scaled_target(tmp_path, capsys, loss):
+    params = {"seed": 0, "data": {"source": "diabetes"}, "scale": {"target": "standard"},
+              "model": {"layers": [{"type": "dense", "units": 8, "activation": "relu"},
+                                   {"type": "dense", "units": "auto", "activation": "auto"}]},
+              "train": {"epochs": 2, "progress": "quiet", "loss": loss}, "mlflow": {"enabled": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    path = str(tmp_path / "params.yaml")
+    split_stage.run(argparse.Namespace(params=path, set=[], out=str(tmp_path / "split")))
+    out = tmp_path / "run"
+    argv = ["train", "--params", path, "--data", str(tmp_path / "processed"), "--model", str(out / "model.pt"),
+            "--checkpoint", str(out / "checkpoint.pt"), "--metrics", str(out / "train.json"),
+            "--history", str(out / "history.csv"), "--run", str(out / "run.json")]
+    for target_scaling, code in (("standard", 1), ("none", 0)):
+        scale_stage.run(argparse.Namespace(params=path, set=[f"scale.target={target_scaling}"],
+                                           split=str(tmp_path / "split"), out=str(tmp_path / "processed")))
+        assert cli.main([*argv, "--set", f"scale.target={target_scaling}"]) == code
+    err = capsys.readouterr().err
+    assert (f"densepipe train: error: output 'dense_2': loss '{loss}' reads target 'target' in its own units, "
+            f"but scale.target scales it; set scale.target: none") in err
+    history = (out / "history.csv").read_text()  # the unscaled run trained
+    assert "loss" in history

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import log_loss
+from sklearn.metrics import log_loss, mean_absolute_percentage_error, mean_squared_log_error
 from sklearn.utils.class_weight import compute_class_weight
 
 from densepipe import config
@@ -59,6 +59,23 @@ def test_huber(delta):
     formula = torch.where(d <= delta, 0.5 * d ** 2, delta * (d - 0.5 * delta)).mean(dim=1)
     close(loss("huber", p, t, delta=delta), formula)
     close(loss("huber", p, t, delta=delta).mean(), F.huber_loss(p, t, delta=delta))
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_mape_and_msle_vs_sklearn(width):
+    # Positive targets away from 0 (mape divides by them), predictions above epsilon (scikit-learn
+    # refuses the log of a negative, Keras reads less than epsilon as epsilon). Keras' mape is in
+    # percent, scikit-learn's a fraction.
+    t = torch.rand(N, width, generator=GEN, dtype=torch.float64) * 10 + 0.5
+    p = (t * (1 + 0.3 * randn(N, width))).clamp_min(0.01)
+    close(loss("mean_absolute_percentage_error", p, t).mean(), 100 * mean_absolute_percentage_error(t, p))
+    close(loss("msle", p, t).mean(), mean_squared_log_error(t, p))
+
+
+def test_mape_and_msle_read_values_below_epsilon_as_epsilon():
+    p, t = torch.tensor([[-5.0], [2.0]], dtype=torch.float64), torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    close(loss("mape", p, t), [100 * 5 / 1e-7, 100.0])
+    close(loss("msle", p, t), [0.0, (math.log1p(2.0) - math.log1p(1.0)) ** 2])
 
 
 def test_log_cosh_formula_and_stability():

@@ -70,10 +70,10 @@ def test_regression_metrics(name, reference, width):
     ("mean_squared_logarithmic_error", skm.mean_squared_log_error),
 ])
 def test_relative_regression_metrics(name, reference, width):
-    # Positive targets away from 0 (the percentage divides by them) and predictions at least 0
-    # (scikit-learn refuses the log of a negative; Keras reads it as epsilon).
+    # Positive targets away from 0 (the percentage divides by them) and predictions above epsilon
+    # (scikit-learn refuses the log of a negative; Keras reads less than epsilon as epsilon).
     y = torch.rand(N, width, generator=GEN, dtype=torch.float64) * 10 + 0.5
-    pred = (y * (1 + 0.3 * torch.randn(N, width, generator=GEN, dtype=torch.float64))).clamp_min(0)
+    pred = (y * (1 + 0.3 * torch.randn(N, width, generator=GEN, dtype=torch.float64))).clamp_min(0.01)
     target = y[:, 0] if width == 1 else y
     expected = reference(target.numpy(), pred.numpy() if width > 1 else pred[:, 0].numpy())
     assert accumulate(name, pred, target) == pytest.approx(expected, rel=1e-9)

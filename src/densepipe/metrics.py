@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from densepipe.nn.losses import LOSSES
 from densepipe.registry import Registry
 
 # The target tasks a metric can read, checked when the model's heads are built (a binary
@@ -157,20 +158,13 @@ def _sq_stats(pred, target):
     return torch.stack([((p - t) ** 2).sum().double(), _count(t)])
 
 
-_EPS = 1e-7  # Keras' epsilon: the least target size a percentage divides by, the least value a log reads
-
-
-def _pct_stats(pred, target):
-    # Keras' mape, in percent: |error| relative to the target's own size.
-    p, t = _flat(pred, target)
-    return torch.stack([(100 * (p - t).abs() / t.abs().clamp_min(_EPS)).sum().double(), _count(t)])
-
-
-def _sq_log_stats(pred, target):
-    # Keras' msle: values below epsilon count as epsilon, so a negative value cannot make a NaN.
-    p, t = _flat(pred, target)
-    d = torch.log1p(p.clamp_min(_EPS)) - torch.log1p(t.clamp_min(_EPS))
-    return torch.stack([(d ** 2).sum().double(), _count(t)])
+def _per_row_stats(loss: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """A value loss as a metric: its per-row values summed, and the rows. `pred` is already the
+    head's output, which the loss then reads as is (a linear head)."""
+    def stats(pred, target):
+        per_row = LOSSES[loss](pred, target, "linear")
+        return torch.stack([per_row.sum().double(), _count(per_row)])
+    return stats
 
 
 def _r2_stats(pred, target):
@@ -191,8 +185,8 @@ METRICS.add("mse", Metric(_sq_stats, _ratio, "min", VALUE_TASKS), ("mean_squared
 METRICS.add("rmse", Metric(_sq_stats, lambda s: _ratio(s).sqrt(), "min", VALUE_TASKS),
             ("root_mean_squared_error",))
 METRICS.add("r2", Metric(_r2_stats, _r2_finish, "max", VALUE_TASKS), ("r2_score",))
-METRICS.add("mape", Metric(_pct_stats, _ratio, "min", VALUE_TASKS), ("mean_absolute_percentage_error",))
-METRICS.add("msle", Metric(_sq_log_stats, _ratio, "min", VALUE_TASKS), ("mean_squared_logarithmic_error",))
+METRICS.add("mape", Metric(_per_row_stats("mape"), _ratio, "min", VALUE_TASKS), ("mean_absolute_percentage_error",))
+METRICS.add("msle", Metric(_per_row_stats("msle"), _ratio, "min", VALUE_TASKS), ("mean_squared_logarithmic_error",))
 
 DEFAULT_METRICS = {"binary": ["accuracy"], "multiclass": ["accuracy"], "regression": ["mae"]}
 

@@ -69,6 +69,20 @@ def log_cosh(raw, target, head="linear"):
     return (d.abs() + torch.log1p(torch.exp(-2 * d.abs())) - math.log(2.0)).mean(dim=1)
 
 
+@LOSSES.register("mape", "mean_absolute_percentage_error")
+def mape(raw, target, head="linear"):
+    # Keras' mape, in percent: each error relative to the target's own size (at least epsilon).
+    p, t = _flat(_probs(raw, head), target)
+    return (100 * (p - t).abs() / t.abs().clamp_min(_EPS)).mean(dim=1)
+
+
+@LOSSES.register("msle", "mean_squared_logarithmic_error")
+def msle(raw, target, head="linear"):
+    # Keras' msle: values below epsilon read as epsilon, so a negative prediction cannot make a NaN.
+    p, t = _flat(_probs(raw, head), target)
+    return ((torch.log1p(p.clamp_min(_EPS)) - torch.log1p(t.clamp_min(_EPS))) ** 2).mean(dim=1)
+
+
 @LOSSES.register("binary_crossentropy", "bce", "binary_cross_entropy")
 def binary_crossentropy(raw, target, head="sigmoid", from_logits="auto", label_smoothing: float = 0.0):
     z, t = _flat(raw, target)

@@ -253,6 +253,9 @@ LOSS_TASKS = {
     "mae": VALUES + ONE_UNIT,
     "huber": VALUES + ONE_UNIT,
     "log_cosh": VALUES + ONE_UNIT,
+    # Relative to the target's own values: a 0/1 label has none to divide by or take the log of.
+    "mape": VALUES,
+    "msle": VALUES,
 }
 
 

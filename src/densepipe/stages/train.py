@@ -79,6 +79,19 @@ def target_units(pre: Preprocessor) -> dict[str, tuple[float, float]]:
             if spec["task"] == "regression" and (spec["center"], spec["scale"]) != (0.0, 1.0)}
 
 
+# Losses that read the target's own values (errors relative to them, or their logs): a scaled
+# target is other values, so these need the target as the data has it.
+_UNSCALED_LOSSES = ("mape", "msle")
+
+
+def _check_losses_fit_scaling(model, units: dict) -> None:
+    for head in model.heads.values():
+        if head.loss in _UNSCALED_LOSSES and head.target in units:
+            raise config_mod.ConfigError(
+                f"output '{head.node}': loss '{head.loss}' reads target '{head.target}' in its own units, but "
+                f"scale.target scales it; set scale.target: none")
+
+
 def _resume_key(cfg, data_dir: Path) -> str:
     defaults = config_mod.TrainConfig()
     one = cfg.model_copy(update={"train": cfg.train.model_copy(
@@ -136,6 +149,7 @@ def _train(args, cfg, ctx: distributed.Context) -> None:
     arrays = {s: load_arrays(data_dir / f"{s}.npz") for s in ("train", "val")}
     train, val = (as_config_error(to_split, *arrays[s], pre, cfg.model) for s in ("train", "val"))
     model = as_config_error(build_model, cfg.model, cfg.train, spec, cfg.seed)
+    _check_losses_fit_scaling(model, target_units(pre))
     resume_path, model_path = Path(args.checkpoint), Path(args.model)
     key = _resume_key(cfg, data_dir)
     state = distributed.from_main(ckpt.load_resume(resume_path, key) if ctx.main else None)
