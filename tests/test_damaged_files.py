@@ -128,11 +128,11 @@ def test_divergence_in_the_first_epoch_keeps_the_existing_model_file(project, ca
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_divergence_after_good_epochs_keeps_a_good_model_file_and_says_which(project, capsys, checkpoint):
     # The learning rate grows a thousandfold per epoch: the first epochs are good, a later one diverges.
+    # With the checkpoint, the best epoch is that of the least lr: the first, whatever epoch diverges.
     callbacks = "{type: exponential_decay, gamma: 1000}" + (
-        ", {type: model_checkpoint, monitor: loss, save_best_only: true}" if checkpoint else "")
-    argv = _train_argv(project, "div", "--set", "train.optimizer={name: sgd, lr: 0.001}", "--set", "train.epochs=30",
-                       "--set", f"train.callbacks=[{callbacks}]")
-    assert main(argv) == 1
+        ", {type: model_checkpoint, monitor: lr, mode: min, save_best_only: true}" if checkpoint else "")
+    settings = ["--set", "train.optimizer={name: sgd, lr: 0.001}", "--set", f"train.callbacks=[{callbacks}]"]
+    assert main(_train_argv(project, "div", *settings, "--set", "train.epochs=30")) == 1
     err = capsys.readouterr().err
     m = re.search(r"at epoch (\d+), batch \d+; the weights after epoch (\d+), the last good one, were restored", err)
     assert m, err
@@ -141,9 +141,13 @@ def test_divergence_after_good_epochs_keeps_a_good_model_file_and_says_which(pro
     model = project / "div" / "model.pt"
     loaded = ckpt.load_model(model)
     assert all(torch.isfinite(t).all() for t in loaded.model.state_dict().values())
-    if checkpoint:  # the callback's pick stays: the epoch of least loss, which it names
-        assert f"{model} holds epoch {loaded.epoch}, which model_checkpoint wrote" in err
-        assert 1 <= loaded.epoch <= good
+    if checkpoint:  # the callback's pick stays, and is named: the first epoch's weights, not the last good ones
+        assert good >= 2
+        assert f"{model} holds epoch 1, which model_checkpoint wrote" in err
+        assert loaded.epoch == 1
+        assert main(_train_argv(project, "one", *settings, "--set", "train.epochs=1")) == 0
+        first = ckpt.load_model(project / "one" / "model.pt").model.state_dict()
+        assert all(torch.equal(v, first[k]) for k, v in loaded.model.state_dict().items())
     else:
         assert f"{model} holds those weights (epoch {good})" in err
         assert loaded.epoch == good
