@@ -148,16 +148,6 @@ def _auc_finish(s):
 METRICS.add("auc", Metric(_auc_stats, _auc_finish, "max", CLASS_TASKS), ("roc_auc",))
 
 
-def _abs_stats(pred, target):
-    p, t = _flat(pred, target)
-    return torch.stack([(p - t).abs().sum().double(), _count(t)])
-
-
-def _sq_stats(pred, target):
-    p, t = _flat(pred, target)
-    return torch.stack([((p - t) ** 2).sum().double(), _count(t)])
-
-
 def _per_row_stats(loss: str) -> Callable[[Tensor, Tensor], Tensor]:
     """A value loss as a metric: its per-row values summed, and the rows. `pred` is already the
     head's output, which the loss then reads as is (a linear head)."""
@@ -180,9 +170,9 @@ def _r2_finish(s):
     return (1 - s[0] / total.clamp_min(1e-12)).mean()
 
 
-METRICS.add("mae", Metric(_abs_stats, _ratio, "min", VALUE_TASKS), ("mean_absolute_error",))
-METRICS.add("mse", Metric(_sq_stats, _ratio, "min", VALUE_TASKS), ("mean_squared_error",))
-METRICS.add("rmse", Metric(_sq_stats, lambda s: _ratio(s).sqrt(), "min", VALUE_TASKS),
+METRICS.add("mae", Metric(_per_row_stats("mae"), _ratio, "min", VALUE_TASKS), ("mean_absolute_error",))
+METRICS.add("mse", Metric(_per_row_stats("mse"), _ratio, "min", VALUE_TASKS), ("mean_squared_error",))
+METRICS.add("rmse", Metric(_per_row_stats("mse"), lambda s: _ratio(s).sqrt(), "min", VALUE_TASKS),
             ("root_mean_squared_error",))
 METRICS.add("r2", Metric(_r2_stats, _r2_finish, "max", VALUE_TASKS), ("r2_score",))
 METRICS.add("mape", Metric(_per_row_stats("mape"), _ratio, "min", VALUE_TASKS), ("mean_absolute_percentage_error",))
