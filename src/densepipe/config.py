@@ -110,6 +110,11 @@ def _optimizers():
     return OPTIMIZERS
 
 
+def _constraints():
+    from densepipe.nn.constraints import CONSTRAINTS
+    return CONSTRAINTS
+
+
 def _sources():
     from densepipe.data.sources import SOURCES
     return SOURCES
@@ -153,6 +158,14 @@ _LOSS_ARGS = _Vocabulary(_losses, ("raw", "target", "head"), {
     "label_smoothing": TypeAdapter(_Fraction),
     "from_logits": TypeAdapter(bool | Literal["auto"]),
 }, "{name: huber, delta: 1.0}")
+
+
+_CONSTRAINT_ARGS = _Vocabulary(_constraints, ("w",), {
+    "max_value": TypeAdapter(_Positive),         # max_norm, min_max_norm
+    "min_value": TypeAdapter(_NonNegative),      # min_max_norm (min_value <= max_value: the trial run checks)
+    "rate": TypeAdapter(_Fraction),              # min_max_norm: how far each step moves a norm into range
+    "axis": TypeAdapter(Literal[0, 1]),          # Keras' axis of its (in, out) kernel
+}, "{name: max_norm, max_value: 3}")
 
 
 def _named(vocabulary: _Vocabulary, value: str | dict) -> str | dict:
@@ -225,6 +238,25 @@ def _initializer(rank: int):
     return check
 
 
+def _constraint(rank: int):
+    """A validator for a constraint on a tensor of this rank (kernel 2, bias 1): tried on a small
+    one, so arguments training would refuse (axis 1 on a bias) are refused here."""
+    def check(value):
+        if value is None:
+            return value
+        spec = _named(_CONSTRAINT_ARGS, value)
+        import torch
+
+        from densepipe.nn.constraints import constraint
+        try:
+            constraint(spec)(torch.ones(_WEIGHT_ROLES[rank][1]))
+        except ValueError as err:
+            role = _WEIGHT_ROLES[rank][0]
+            raise ValueError(f"constraint {_show(spec)} cannot constrain a {role}: {err}") from None
+        return spec
+    return check
+
+
 def _loss_spec(value):
     return value if value == "auto" else _named(_LOSS_ARGS, value)
 
@@ -291,9 +323,13 @@ class DenseLayer(_Layer):
     use_bias: bool = True
     l1: float = Field(0.0, ge=0)                 # kernel L1 penalty
     l2: float = Field(0.0, ge=0)                 # kernel L2 penalty
+    constraint: str | dict[str, Any] | None = None       # kernel constraint after each step (max_norm, ...)
+    bias_constraint: str | dict[str, Any] | None = None
 
     _init = field_validator("initializer")(_initializer(rank=2))
     _bias_init = field_validator("bias_initializer")(_initializer(rank=1))
+    _kernel_con = field_validator("constraint")(_constraint(rank=2))
+    _bias_con = field_validator("bias_constraint")(_constraint(rank=1))
 
     @field_validator("activation")
     @classmethod
@@ -552,8 +588,8 @@ _LAYER_BY_TAG = {m.model_fields["type"].default: m for m in _LAYER_TYPES}
 
 
 # Keras / torch spellings of our keys, so "did you mean" leads from them to ours.
-_KEY_SYNONYMS = {"kernel_initializer": "initializer", "learning_rate": "lr", "epoch": "epochs",
-                 "activation_function": "activation"}
+_KEY_SYNONYMS = {"kernel_initializer": "initializer", "kernel_constraint": "constraint", "learning_rate": "lr",
+                 "epoch": "epochs", "activation_function": "activation"}
 
 
 def _model_in(annotation) -> Any:
@@ -708,7 +744,8 @@ def resolved(cfg: Config) -> dict:
     return cfg.model_dump(mode="json")
 
 
-_NAMED = ("loss", "initializer", "bias_initializer")  # a name, or {name: ..., **arguments}
+# Keys whose value is a name, or {name: ..., **arguments}.
+_NAMED = ("loss", "initializer", "bias_initializer", "constraint", "bias_constraint")
 
 
 def with_named_mappings(params):

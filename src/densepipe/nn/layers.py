@@ -64,6 +64,8 @@ def build_dense(cfg, widths: list[int], ctx: BuildContext):
     if layer.bias is not None:
         initialize(layer.bias, cfg.bias_initializer, ctx.generator)
     layer.l1, layer.l2 = cfg.l1, cfg.l2  # kernel penalties, summed by DenseModel.penalty()
+    # Applied by DenseModel.apply_constraints() after each optimizer step.
+    layer.constraints = {"weight": cfg.constraint, "bias": cfg.bias_constraint if cfg.use_bias else None}
     return layer, units
 
 

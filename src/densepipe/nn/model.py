@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from densepipe.metrics import DEFAULT_METRICS, METRICS
 from densepipe.nn.activations import resolve
+from densepipe.nn.constraints import constraint
 from densepipe.nn.dense import FusedDense, run_chain
 from densepipe.nn.layers import LAYERS, BuildContext
 from densepipe.nn.losses import LOSSES
@@ -74,6 +75,10 @@ class DenseModel(nn.Module):
         # Outputs with a split-off head that other layers read: those readers need the head applied.
         read = {i for node in nodes for i in node.inputs}
         self._activated = {h.node: h for h in heads.values() if h.node in read and h.activation != "linear"}
+        # (layer, parameter name, projection) per declared constraint; looked up by name at each
+        # step, so moving the model to another device leaves them pointing at its weights.
+        self._constraints = [(m, attr, constraint(spec)) for m in modules.values()
+                             for attr, spec in getattr(m, "constraints", {}).items() if spec is not None]
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw outputs (before head activations), keyed by output name."""
@@ -113,6 +118,16 @@ class DenseModel(nn.Module):
                 term = l1 * m.weight.abs().sum() + l2 * (m.weight ** 2).sum()
                 total = term if total is None else total + term
         return total
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self._constraints)
+
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """Projects the constrained weights back onto their sets (after an optimizer step)."""
+        for module, attr, project in self._constraints:
+            project(getattr(module, attr))
 
     def dense_layers(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.layers.items() if hasattr(m, "weight") and m.weight.dim() == 2}

@@ -210,6 +210,7 @@ class Trainer:
         statistics] and gradient norms."""
         self.net.train()
         dense = [self.model.layers[n].weight for n in self.dense_names]
+        constrained = self.model.constrained
         order = self._permutation(data.n).index_select(0, shard.positions)  # (rows,) this rank's, by step
         logged: list[Tensor] = []  # per step: (loss sums (total, each output), grad norms)
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
@@ -235,6 +236,8 @@ class Trainer:
             norms = torch._foreach_norm([w.grad for w in dense]) if dense else []
             self._clip()
             self.optimizer.step()
+            if constrained:  # as Keras: each update is followed by the weights' constraints
+                self.model.apply_constraints()
             # Kept, not copied into epoch buffers: one stack per step, one cat per epoch is cheaper.
             with torch.no_grad():
                 # The logged loss carries the penalty too, as Keras' does: row-weighted, like the data loss.
