@@ -237,16 +237,34 @@ def test_add_and_concatenate_in_a_graph_model():
 
 # ------------------------------------------------------------------- penalties
 def test_l1_l2_penalty_is_the_formula():
-    model = build([{"type": "dense", "units": 6, "l1": 0.01, "l2": 0.002},
-                   {"type": "dense", "units": 4, "l2": 0.05},
+    model = build([{"type": "dense", "units": 6, "l1": 0.01, "l2": 0.002, "bias_initializer": "random_normal"},
+                   {"type": "dense", "units": 4, "l2": 0.05, "bias_l1": 0.3, "bias_l2": 0.7,
+                    "bias_initializer": "random_normal"},
                    {"type": "dense", "units": "auto"}])
-    w1, w2 = model.layers["dense_1"].weight, model.layers["dense_2"].weight
-    expected = 0.01 * w1.abs().sum() + 0.002 * (w1 ** 2).sum() + 0.05 * (w2 ** 2).sum()  # kernels only
+    w1, w2, b2 = model.layers["dense_1"].weight, model.layers["dense_2"].weight, model.layers["dense_2"].bias
+    expected = (0.01 * w1.abs().sum() + 0.002 * (w1 ** 2).sum() + 0.05 * (w2 ** 2).sum()
+                + 0.3 * b2.abs().sum() + 0.7 * (b2 ** 2).sum())
     torch.testing.assert_close(model.penalty(), expected)
     model.penalty().backward()
     torch.testing.assert_close(w1.grad, 0.01 * w1.sign() + 2 * 0.002 * w1.detach())
+    torch.testing.assert_close(b2.grad, 0.3 * b2.sign() + 2 * 0.7 * b2.detach())
+    assert model.layers["dense_1"].bias.grad is None      # no bias penalty on that layer
     assert model.layers["dense_3"].weight.grad is None
     assert build([{"type": "dense", "units": "auto"}]).penalty() is None
+
+
+@pytest.mark.parametrize("key", ["bias_l1", "bias_l2", "bias_constraint", "bias_initializer"])
+def test_bias_settings_on_a_layer_without_bias_are_refused(key):
+    value = {"bias_constraint": "non_neg", "bias_initializer": "ones"}.get(key, 0.1)
+    with pytest.raises(config.ConfigError) as err:
+        build([{"type": "dense", "units": "auto", "use_bias": False, key: value}])
+    assert f"model.layers[0]: {key} set, but use_bias is false: the layer has no bias" in str(err.value)
+
+
+def test_keras_regularizer_keys_lead_to_ours():
+    with pytest.raises(config.ConfigError) as err:
+        build([{"type": "dense", "units": "auto", "bias_regularizer": 0.1}])
+    assert "bias_regularizer: unknown key (did you mean 'bias_l2'?" in str(err.value)
 
 
 # ---------------------------------------------------------------------- summary

@@ -323,6 +323,8 @@ class DenseLayer(_Layer):
     use_bias: bool = True
     l1: float = Field(0.0, ge=0)                 # kernel L1 penalty
     l2: float = Field(0.0, ge=0)                 # kernel L2 penalty
+    bias_l1: float = Field(0.0, ge=0)            # bias penalties (Keras' bias_regularizer)
+    bias_l2: float = Field(0.0, ge=0)
     constraint: str | dict[str, Any] | None = None       # kernel constraint after each step (max_norm, ...)
     bias_constraint: str | dict[str, Any] | None = None
 
@@ -335,6 +337,15 @@ class DenseLayer(_Layer):
     @classmethod
     def _act(cls, v):
         return v if v == "auto" else _in(_activations)(v)
+
+    @model_validator(mode="after")
+    def _bias_settings_need_a_bias(self):
+        if not self.use_bias:
+            given = [k for k in ("bias_initializer", "bias_l1", "bias_l2", "bias_constraint")
+                     if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)} set, but use_bias is false: the layer has no bias")
+        return self
 
 
 class DropoutLayer(_Layer):
@@ -589,7 +600,8 @@ _LAYER_BY_TAG = {m.model_fields["type"].default: m for m in _LAYER_TYPES}
 
 # Keras / torch spellings of our keys, so "did you mean" leads from them to ours.
 _KEY_SYNONYMS = {"kernel_initializer": "initializer", "kernel_constraint": "constraint", "learning_rate": "lr",
-                 "epoch": "epochs", "activation_function": "activation"}
+                 "epoch": "epochs", "activation_function": "activation", "kernel_regularizer": "l2",
+                 "bias_regularizer": "bias_l2"}
 
 
 def _model_in(annotation) -> Any:

@@ -63,9 +63,10 @@ def build_dense(cfg, widths: list[int], ctx: BuildContext):
     initialize(layer.weight, cfg.initializer if explicit else ctx.initializer, ctx.generator)
     if layer.bias is not None:
         initialize(layer.bias, cfg.bias_initializer, ctx.generator)
-    layer.l1, layer.l2 = cfg.l1, cfg.l2  # kernel penalties, summed by DenseModel.penalty()
+    # (l1, l2) per parameter, summed by DenseModel.penalty().
+    layer.penalties = {"weight": (cfg.l1, cfg.l2), "bias": (cfg.bias_l1, cfg.bias_l2)}
     # Applied by DenseModel.apply_constraints() after each optimizer step.
-    layer.constraints = {"weight": cfg.constraint, "bias": cfg.bias_constraint if cfg.use_bias else None}
+    layer.constraints = {"weight": cfg.constraint, "bias": cfg.bias_constraint}
     return layer, units
 
 

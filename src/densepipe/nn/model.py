@@ -110,13 +110,15 @@ class DenseModel(nn.Module):
         return {name: self.heads[name].apply(r) for name, r in raw.items()}
 
     def penalty(self) -> Tensor | None:
-        """Sum of the dense kernels' L1/L2 penalties (None when there are none)."""
+        """Sum of the dense layers' L1/L2 penalties on kernels and biases (None when there are none)."""
         total = None
         for m in self.layers.values():
-            l1, l2 = getattr(m, "l1", 0.0), getattr(m, "l2", 0.0)
-            if l1 or l2:
-                term = l1 * m.weight.abs().sum() + l2 * (m.weight ** 2).sum()
-                total = term if total is None else total + term
+            for attr, (l1, l2) in getattr(m, "penalties", {}).items():
+                w = getattr(m, attr)
+                for rate, term in ((l1, w.abs), (l2, w.square)):
+                    if rate:
+                        part = rate * term().sum()
+                        total = part if total is None else total + part
         return total
 
     @property
