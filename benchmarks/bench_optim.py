@@ -35,6 +35,8 @@ OPTIMIZERS: dict[str, tuple[type, type, dict, int]] = {
     "rmsprop": (dopt.RMSprop, torch.optim.RMSprop, dict(lr=1e-3), 1),            # square_avg
     "adam": (dopt.Adam, torch.optim.Adam, dict(lr=1e-3), 2),                     # exp_avg, exp_avg_sq
     "adamw": (dopt.AdamW, torch.optim.AdamW, dict(lr=1e-3), 2),
+    "nadam": (dopt.NAdam, torch.optim.NAdam, dict(lr=1e-3), 2),                  # exp_avg, exp_avg_sq
+    "adamax": (dopt.Adamax, torch.optim.Adamax, dict(lr=1e-3), 2),               # exp_avg, exp_inf
 }
 
 

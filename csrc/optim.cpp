@@ -132,6 +132,17 @@ AdamScalars adam_scalars(double lr, double beta1, double beta2, double step) {
   return {lr / bc1, std::sqrt(bc2)};
 }
 
+double nadam_mu(double beta1, double momentum_decay, double step) {
+  return beta1 * (1.0 - 0.5 * std::pow(0.96, step * momentum_decay));
+}
+
+NadamScalars nadam_scalars(double lr, double beta1, double momentum_decay, double step,
+                           double mu_product) {
+  const double mu = nadam_mu(beta1, momentum_decay, step);
+  const double mu_next = nadam_mu(beta1, momentum_decay, step + 1);
+  return {lr * (1.0 - mu) / (1.0 - mu_product), lr * mu_next / (1.0 - mu_product * mu_next)};
+}
+
 double adagrad_lr(double lr, double lr_decay, double step) {
   return lr / (1.0 + (step - 1.0) * lr_decay);
 }
@@ -163,6 +174,15 @@ TORCH_LIBRARY_FRAGMENT(densepipe, m) {
         " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float lr, float beta1,"
         " float beta2, float eps, float weight_decay, bool amsgrad, bool decoupled_weight_decay,"
         " bool maximize, float step) -> ()");
+  // mu_product: the product of the momentum schedule up to and including this step, as the
+  // caller keeps it (torch keeps it as a float32 scalar per parameter).
+  m.def("nadam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+        " Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps,"
+        " float weight_decay, float momentum_decay, bool decoupled_weight_decay, bool maximize,"
+        " float step, float mu_product) -> ()");
+  m.def("adamax_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+        " Tensor(c!)[] exp_infs, float lr, float beta1, float beta2, float eps, float weight_decay,"
+        " bool maximize, float step) -> ()");
   // The norm of all grads as one vector (0-d, grads' dtype); norm_type > 0, inf or -inf.
   m.def("grad_norm(Tensor[] grads, float norm_type) -> Tensor");
   // grads *= min(max_norm / (total_norm + 1e-6), 1); total_norm: one element, grads' device.
@@ -171,6 +191,9 @@ TORCH_LIBRARY_FRAGMENT(densepipe, m) {
   // Adds one to every step counter (one-element tensors, torch.optim's state["step"]);
   // returns the new counts as a float64 CPU tensor, for the host-side bias corrections.
   m.def("advance_steps_(Tensor(a!)[] steps) -> Tensor");
+  // Multiplies every one-element tensor by factor in its own dtype (torch's `t *= factor`, as
+  // NAdam's per-parameter mu_product); returns the new values as a float64 CPU tensor.
+  m.def("mul_scalars_(Tensor(a!)[] values, float factor) -> Tensor");
 }
 
 namespace densepipe::optim {
@@ -199,10 +222,33 @@ at::Tensor advance_steps(at::TensorList steps) {
   return out;
 }
 
+at::Tensor mul_scalars(at::TensorList values, double factor) {
+  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::kDouble);
+  double* result = out.mutable_data_ptr<double>();
+  for (size_t i = 0; i < values.size(); ++i) {
+    const at::Tensor& s = values[i];
+    TORCH_CHECK(s.numel() == 1 && s.is_floating_point(), "densepipe mul_scalars_: values[", i,
+                "] must be a floating-point tensor with one element, got shape ", s.sizes(),
+                " and dtype ", s.scalar_type());
+    if (s.is_cpu() && s.scalar_type() == at::kFloat) {  // float32 math, as torch's in-place multiply
+      float& v = *s.mutable_data_ptr<float>();
+      result[i] = v *= static_cast<float>(factor);
+    } else if (s.is_cpu() && s.scalar_type() == at::kDouble) {
+      double& v = *s.mutable_data_ptr<double>();
+      result[i] = v *= factor;
+    } else {
+      s.mul_(factor);
+      result[i] = s.item<double>();
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 }  // namespace densepipe::optim
 
 TORCH_LIBRARY_IMPL(densepipe, CompositeExplicitAutograd, m) {
   m.impl("advance_steps_", &densepipe::optim::advance_steps);
+  m.impl("mul_scalars_", &densepipe::optim::mul_scalars);
 }

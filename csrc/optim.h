@@ -52,6 +52,14 @@ struct AdamScalars {
 };
 AdamScalars adam_scalars(double lr, double beta1, double beta2, double step);
 double adagrad_lr(double lr, double lr_decay, double step);  // lr / (1 + (step - 1) * lr_decay)
+struct NadamScalars {
+  double grad_step;  // lr (1 - mu_t) / (1 - prod mu)
+  double avg_step;   // lr mu_{t+1} / (1 - prod mu * mu_{t+1})
+};
+// mu_t = beta1 (1 - 0.96^(t momentum_decay) / 2), the momentum schedule of NAdam.
+double nadam_mu(double beta1, double momentum_decay, double step);
+NadamScalars nadam_scalars(double lr, double beta1, double momentum_decay, double step,
+                           double mu_product);
 
 NormKind parse_norm(const char* op, double norm_type);
 

@@ -184,6 +184,68 @@ struct AdamRule {
   }
 };
 
+// --------------------------------------------------------------------- NAdam
+// lists: param, grad, exp_avg, exp_avg_sq. Adam with Nesterov momentum: the step mixes
+// the new gradient and the running average, weighted by the momentum schedule mu_t.
+template <typename T>
+struct NadamRule {
+  static constexpr int kLists = 4;
+  T beta1_rest;    // 1 - beta1, from double
+  T beta2;         // decay of the second-moment average
+  T beta2_rest;    // 1 - beta2, from double
+  T eps;           // added to the bias-corrected root of the second moment
+  T weight_decay;  // L2 penalty, or decay rate when decoupled
+  T param_decay;   // 1 - lr * weight_decay, for decoupled decay, from double
+  T bc2;           // 1 - beta2^step, from double
+  T grad_step;     // lr (1 - mu_t) / (1 - prod mu): the step along the gradient itself
+  T avg_step;      // lr mu_{t+1} / (1 - prod mu * mu_{t+1}): the step along the average
+  bool decoupled;  // decay the weights, not the gradient
+  bool maximize;   // ascend
+
+  template <typename V>
+  DP_HD void operator()(V* x) const {
+    V& p = x[0];
+    V& m = x[2];
+    V& v = x[3];
+    if (decoupled && weight_decay != T(0)) p = p * V(param_decay);
+    const V g = effective_grad(x[1], p, maximize, decoupled ? T(0) : weight_decay);
+    m = lerp(m, g, beta1_rest);
+    v = v * V(beta2) + V(beta2_rest) * g * g;  // (value * g) * g, as torch's addcmul
+    const V denom = Lane<V>::sqrt(Lane<V>::div(v, V(bc2))) + V(eps);
+    // (step * x) / denom, in torch's order (addcdiv): the two terms nearly cancel at times,
+    // where another rounding order would show.
+    p = p - Lane<V>::div(V(grad_step) * g, denom);
+    p = p - Lane<V>::div(V(avg_step) * m, denom);
+  }
+};
+
+// -------------------------------------------------------------------- Adamax
+// lists: param, grad, exp_avg, exp_inf. Adam with the second moment replaced by an
+// exponentially weighted infinity norm (torch's form: eps inside the max).
+template <typename T>
+struct AdamaxRule {
+  static constexpr int kLists = 4;
+  T beta1_rest;    // 1 - beta1, from double
+  T beta2;         // decay of the infinity norm
+  T eps;           // added to |g| before the max
+  T weight_decay;  // L2 penalty added to the gradient
+  T step_size;     // lr / (1 - beta1^step), from double
+  bool maximize;   // ascend
+
+  template <typename V>
+  DP_HD void operator()(V* x) const {
+    V& p = x[0];
+    V& m = x[2];
+    V& u = x[3];
+    const V g = effective_grad(x[1], p, maximize, weight_decay);
+    m = lerp(m, g, beta1_rest);
+    u = Lane<V>::max(u * V(beta2), Lane<V>::abs(g) + V(eps));
+    // (step * m) / u, torch's order (addcdiv): where u falls to eps the ratio is large, and
+    // another rounding order would show.
+    p = p - Lane<V>::div(V(step_size) * m, u);
+  }
+};
+
 // ------------------------------------------------------------------ clipping
 // lists: grad. Clamp to [-clip, clip]; NaN stays NaN as in torch.clamp.
 template <typename T>

@@ -164,6 +164,56 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 }
 
 template <class Backend>
+void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
+                double weight_decay, double momentum_decay, bool decoupled, bool maximize,
+                double step, double mu_product) {
+  constexpr const char* op = "nadam_step_";
+  check_range(op, "lr", lr, 0, INFINITY);
+  check_range(op, "beta1", beta1, 0, 1, /*open_hi=*/true);
+  check_range(op, "beta2", beta2, 0, 1, /*open_hi=*/true);
+  check_range(op, "eps", eps, 0, INFINITY);
+  check_range(op, "weight_decay", weight_decay, 0, INFINITY);
+  check_range(op, "momentum_decay", momentum_decay, 0, INFINITY);
+  check_range(op, "step", step, 1, INFINITY);
+  check_range(op, "mu_product", mu_product, 0, 1, /*open_hi=*/true);
+  auto named = param_and_grad(params, grads);
+  named.push_back({"exp_avgs", exp_avgs, true});
+  named.push_back({"exp_avg_sqs", exp_avg_sqs, true});
+  const Lists lists = check_lists(op, named);
+  const NadamScalars s = nadam_scalars(lr, beta1, momentum_decay, step, mu_product);
+  const double bc2 = 1.0 - std::pow(beta2, step);
+  Backend::apply(lists, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return NadamRule<T>{T(1 - beta1), T(beta2), T(1 - beta2), T(eps), T(weight_decay),
+                        T(1 - lr * weight_decay), T(bc2), T(s.grad_step), T(s.avg_step),
+                        decoupled, maximize};
+  });
+}
+
+template <class Backend>
+void adamax_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                 at::TensorList exp_infs, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, bool maximize, double step) {
+  constexpr const char* op = "adamax_step_";
+  check_range(op, "lr", lr, 0, INFINITY);
+  check_range(op, "beta1", beta1, 0, 1, /*open_hi=*/true);
+  check_range(op, "beta2", beta2, 0, 1, /*open_hi=*/true);
+  check_range(op, "eps", eps, 0, INFINITY);
+  check_range(op, "weight_decay", weight_decay, 0, INFINITY);
+  check_range(op, "step", step, 1, INFINITY);
+  auto named = param_and_grad(params, grads);
+  named.push_back({"exp_avgs", exp_avgs, true});
+  named.push_back({"exp_infs", exp_infs, true});
+  const Lists lists = check_lists(op, named);
+  const double step_size = lr / (1.0 - std::pow(beta1, step));
+  Backend::apply(lists, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return AdamaxRule<T>{T(1 - beta1), T(beta2), T(eps), T(weight_decay), T(step_size), maximize};
+  });
+}
+
+template <class Backend>
 at::Tensor grad_norm(at::TensorList grads, double norm_type) {
   constexpr const char* op = "grad_norm";
   TORCH_CHECK(!grads.empty(), "densepipe ", op, ": grads is empty; pass at least one tensor");
@@ -207,6 +257,8 @@ void register_optim_ops(torch::Library& m) {
   m.impl("adagrad_step_", &adagrad_step<Backend>);
   m.impl("rmsprop_step_", &rmsprop_step<Backend>);
   m.impl("adam_step_", &adam_step<Backend>);
+  m.impl("nadam_step_", &nadam_step<Backend>);
+  m.impl("adamax_step_", &adamax_step<Backend>);
   m.impl("grad_norm", &grad_norm<Backend>);
   m.impl("clip_grads_with_norm_", &clip_grads_with_norm<Backend>);
   m.impl("clip_grads_by_value_", &clip_grads_by_value<Backend>);

@@ -204,6 +204,8 @@ def test_resolved_shows_callback_defaults(tmp_path, capsys):
     ("sgd", {"weight_decay": 0.0, "eps": None, "momentum": 0.0}),   # sgd has no eps
     ("momentum", {"momentum": 0.9, "nesterov": False}),
     ("nesterov", {"momentum": 0.9, "nesterov": True}),
+    ("nadam", {"weight_decay": 0.0, "eps": 1e-8, "momentum_decay": 0.004}),
+    ("adamax", {"weight_decay": 0.0, "eps": 1e-8, "betas": [0.9, 0.999]}),
 ])
 def test_resolved_shows_the_optimizer_values_used(tmp_path, capsys, name, shown):
     out = resolved_cli(tmp_path, capsys, train(optimizer={"name": name}))["train"]["optimizer"]
@@ -216,3 +218,14 @@ def test_filled_in_optimizer_values_build_the_same_optimizer(name):
         return build_optimizer([torch.zeros(1, requires_grad=True)], cfg).defaults
     as_written = config.OptimizerConfig.model_construct(name=name)   # per-optimizer defaults left to it
     assert built(config.parse(train(optimizer={"name": name})).train.optimizer) == built(as_written)
+
+
+def test_nadam_settings_reach_the_optimizer():
+    cfg = config.parse(train(optimizer={"name": "nadam", "lr": 0.01, "momentum_decay": 0.02, "betas": [0.8, 0.99]}))
+    opt = build_optimizer([torch.zeros(1, requires_grad=True)], cfg.train.optimizer)
+    assert type(opt).__name__ == "NAdam" and type(opt).__module__ == "densepipe.optim.nadam"
+    assert {k: opt.defaults[k] for k in ("lr", "momentum_decay", "betas")} == {
+        "lr": 0.01, "momentum_decay": 0.02, "betas": (0.8, 0.99)}
+    with pytest.raises(config.ConfigError, match=r"train\.optimizer\.momentum_decay: Input should be greater than "
+                                                 r"or equal to 0 \(got -1\)"):
+        config.parse(train(optimizer={"name": "nadam", "momentum_decay": -1}))

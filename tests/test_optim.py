@@ -40,9 +40,18 @@ CASES = [
     ("adamw", dict(lr=0.01)),
     ("adamw", dict(lr=0.01, weight_decay=0.3, amsgrad=True)),
     ("adamw", dict(lr=0.01, maximize=True, betas=(0.5, 0.9))),
+    ("nadam", dict(lr=0.01)),
+    ("nadam", dict(lr=0.01, momentum_decay=0.05, betas=(0.5, 0.9))),
+    ("nadam", dict(lr=0.01, weight_decay=0.1)),
+    ("nadam", dict(lr=0.01, weight_decay=0.3, decoupled_weight_decay=True, eps=1e-4)),
+    ("nadam", dict(lr=0.01, maximize=True)),
+    ("adamax", dict(lr=0.01)),
+    ("adamax", dict(lr=0.01, betas=(0.3, 0.6), eps=1e-4)),
+    ("adamax", dict(lr=0.01, weight_decay=0.1, maximize=True)),
 ]
 TORCH = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop,
-         "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+         "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam,
+         "adamax": torch.optim.Adamax}
 
 
 def case_id(case) -> str:
@@ -57,6 +66,30 @@ def pair(name: str, kw: dict, dtype=torch.float32, **torch_kw):
     return mt, ot, mo, dopt.OPTIMIZERS[name](mo.parameters(), **kw)
 
 
+# NAdam's step adds a gradient term and an average term that nearly cancel at times, so
+# rounding grows along a trajectory: torch's own for-loop and foreach NAdam drift apart on the
+# probe (2e-4 in float32 and 7e-7 in float64 after 50 steps with betas (0.5, 0.9)). Ours is held
+# to that standard: within 10x the spread between torch's two implementations (one ulp a step
+# apart each, their end points scatter by a few times). The float64 runs keep the check sharp:
+# their spread is 1e-14 on the other cases, far below what a wrong formula or coefficient gives.
+DRIFTING = {"nadam"}
+
+
+def drift_tol(name: str, tol: dict, params=lambda model: model.parameters(), dtype=torch.float32,
+              steps: int = STEPS, skip=None, **kw) -> dict:
+    """tol, widened for a DRIFTING optimizer to 10x how far torch's for-loop and foreach runs of
+    the same training (params(model) and kw to the optimizer, skip(model) to train) end apart."""
+    if name not in DRIFTING:
+        return tol
+    runs = []
+    for foreach in (False, True):
+        model = Probe(dtype)
+        train(model, TORCH[name](params(model), **kw, foreach=foreach), steps, skip=skip(model) if skip else None)
+        runs.append(model)
+    spread = max((a - b).abs().max().item() for a, b in zip(*(m.parameters() for m in runs), strict=True))
+    return dict(tol, atol=max(tol["atol"], 10 * spread))
+
+
 # --------------------------------------------------------------- trajectories
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -64,7 +97,8 @@ def test_matches_torch_for_50_steps(case, dtype):
     mt, ot, mo, oo = pair(*case, dtype=dtype)
     train(mt, ot, STEPS)
     train(mo, oo, STEPS)
-    assert_same(mt, ot, mo, oo, TOL[dtype])
+    name, kw = case
+    assert_same(mt, ot, mo, oo, drift_tol(name, TOL[dtype], dtype=dtype, **kw))
 
 
 FUSED = {"sgd": dict(lr=0.05, momentum=0.9), "adagrad": dict(lr=0.05, lr_decay=0.05),
@@ -82,7 +116,8 @@ def test_matches_torch_fused(name):
 # ---------------------------------------------------------------- state_dicts
 ROUND_TRIP = [("sgd", dict(lr=0.05, momentum=0.9)), ("adagrad", dict(lr=0.05, lr_decay=0.01)),
               ("rmsprop", dict(lr=0.002, momentum=0.5, centered=True)), ("adam", dict(lr=0.01, amsgrad=True)),
-              ("adamw", dict(lr=0.01, weight_decay=0.2))]
+              ("adamw", dict(lr=0.01, weight_decay=0.2)), ("nadam", dict(lr=0.01, momentum_decay=0.01)),
+              ("adamax", dict(lr=0.01, weight_decay=0.05))]
 
 
 @pytest.mark.parametrize("case", ROUND_TRIP, ids=case_id)
@@ -103,7 +138,7 @@ def test_state_dict_resumes_in_the_other(case, direction):
     other.load_state_dict(saved_opt)
     assert other.state_dict()["param_groups"] == saved_opt["param_groups"]
     train(resumed, other, 20)
-    assert_same(model, opt, resumed, other, TOL[torch.float32])
+    assert_same(model, opt, resumed, other, drift_tol(name, TOL[torch.float32], steps=40, **kw))
 
 
 @pytest.mark.parametrize("case", ROUND_TRIP, ids=case_id)
@@ -179,6 +214,12 @@ def grouped(model: Probe, name: str) -> list[dict]:
                 {"params": ws[4:] + [model.m], "alpha": 0.8, "lr": 0.001}]
     if name == "adagrad":
         return [{"params": ws[:4], "lr_decay": 0.1}, {"params": ws[4:] + [model.m], "lr": 0.2}]
+    if name == "nadam":
+        return [{"params": ws[:4], "betas": (0.8, 0.99), "momentum_decay": 0.02},
+                {"params": ws[4:] + [model.m], "lr": 0.003, "weight_decay": 0.05, "decoupled_weight_decay": True}]
+    if name == "adamax":
+        return [{"params": ws[:4], "betas": (0.8, 0.99)},
+                {"params": ws[4:] + [model.m], "lr": 0.003, "weight_decay": 0.05}]
     return [{"params": ws[:4], "betas": (0.8, 0.99), "amsgrad": True},
             {"params": ws[4:] + [model.m], "lr": 0.003, "weight_decay": 0.05}]
 
@@ -190,7 +231,7 @@ def test_param_groups_with_their_own_hyperparameters(name):
     oo = dopt.OPTIMIZERS[name](grouped(mo, name), lr=0.02)
     train(mt, ot, 30)
     train(mo, oo, 30)
-    assert_same(mt, ot, mo, oo, TOL[torch.float32])
+    assert_same(mt, ot, mo, oo, drift_tol(name, TOL[torch.float32], lambda m: grouped(m, name), steps=30, lr=0.02))
 
 
 @pytest.mark.parametrize("name", sorted(TORCH))
@@ -208,7 +249,7 @@ def test_params_without_grad_are_skipped(name):
     train(mt, ot, 30, skip=skip(mt))
     train(mo, oo, 30, skip=skip(mo))
     assert torch.equal(mo.ws[0], before)
-    assert_same(mt, ot, mo, oo, TOL[torch.float32])
+    assert_same(mt, ot, mo, oo, drift_tol(name, TOL[torch.float32], steps=30, skip=skip, **kw))
 
 
 def test_step_runs_the_closure_and_returns_its_loss():

@@ -27,6 +27,8 @@ OP_CALLS = {
     "adagrad_step_": lambda L: (L(3), (0.1, 0.01, 0.01, 1e-10, False, 3.0)),
     "rmsprop_step_": lambda L: (L(5), (0.01, 0.99, 1e-8, 0.01, 0.9, True, False)),
     "adam_step_": lambda L: (L(5), (1e-3, 0.9, 0.999, 1e-8, 0.01, True, True, False, 3.0)),
+    "nadam_step_": lambda L: (L(4), (1e-3, 0.9, 0.999, 1e-8, 0.01, 4e-3, True, False, 3.0, 0.3)),
+    "adamax_step_": lambda L: (L(4), (1e-3, 0.9, 0.999, 1e-8, 0.01, False, 3.0)),
     "clip_grads_by_value_": lambda L: (L(1), (0.5,)),
 }
 
@@ -42,6 +44,18 @@ def test_opcheck_norm_ops():
     torch.library.opcheck(ops.grad_norm.default, (grads, 2.0))
     torch.library.opcheck(ops.clip_grads_with_norm_.default, (grads, torch.tensor(0.5), 1.0))
     torch.library.opcheck(ops.advance_steps_.default, ([torch.tensor(0.0), torch.tensor(3.0)],))
+
+
+def test_mul_scalars_multiplies_in_place_in_each_dtype():
+    values = [torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64)]
+    expected = [values[0] * 0.7, values[1] * 0.7]   # torch's own multiply, in each dtype
+    out = ops.mul_scalars_(values, 0.7)
+    assert out.dtype == torch.float64 and out.tolist() == [e.item() for e in expected]
+    assert all(torch.equal(v, e) for v, e in zip(values, expected, strict=True))
+    torch.library.opcheck(ops.mul_scalars_.default, ([torch.tensor(0.5), torch.tensor(2.0)], 0.9))
+    with pytest.raises(RuntimeError, match=r"mul_scalars_: values\[0\] must be a floating-point tensor with one "
+                                           r"element, got shape \[2\]"):
+        ops.mul_scalars_([torch.zeros(2)], 0.5)
 
 
 def test_advance_steps_counts_in_place():
@@ -107,6 +121,10 @@ def test_bad_hyperparameters_name_the_argument():
         ops.sgd_step_(p, g, m, 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match="max_exp_avg_sqs has 0 tensors but params has 3"):
         ops.adam_step_(p, g, m, v, [], 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1.0)
+    with pytest.raises(RuntimeError, match=r"nadam_step_: invalid mu_product 1; allowed: 0 <= mu_product < 1"):
+        ops.nadam_step_(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 4e-3, False, False, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"adamax_step_: invalid step 0; allowed: 1 <= step"):
+        ops.adamax_step_(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 0.0)
 
 
 # optimizer -> {argument: (bad value, torch.optim's message)}
@@ -121,6 +139,10 @@ BAD_ARGS = {
     dopt.Adam: {"lr": (-1, "Invalid learning rate: -1"), "eps": (-1, "Invalid epsilon value: -1"),
                 "betas": ((1.0, 0.999), "Invalid beta parameter at index 0: 1.0")},
     dopt.AdamW: {"betas": ((0.9, -0.1), "Invalid beta parameter at index 1: -0.1")},
+    dopt.NAdam: {"momentum_decay": (-1, "Invalid momentum_decay value: -1"),
+                 "weight_decay": (-1, "Invalid weight_decay value: -1")},
+    dopt.Adamax: {"eps": (-1, "Invalid epsilon value: -1"),
+                  "betas": ((0.9, 1.5), "Invalid beta parameter at index 1: 1.5")},
 }
 
 
@@ -153,7 +175,7 @@ def test_unsupported_flags():
     dopt.Adagrad(p, foreach=False)
 
 
-@pytest.mark.parametrize("cls", [dopt.SGD, dopt.Adagrad, dopt.RMSprop, dopt.Adam])
+@pytest.mark.parametrize("cls", [dopt.SGD, dopt.Adagrad, dopt.RMSprop, dopt.Adam, dopt.NAdam, dopt.Adamax])
 def test_sparse_gradients_are_refused(cls):
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.zeros(4).to_sparse()
@@ -200,7 +222,8 @@ def test_cuda_low_precision_params_follow_fp32_math(name, dtype):
     low = [torch.nn.Parameter(p.detach().to(dtype)) for p in master]
     kw = dict(lr=1e-2, momentum=0.9) if name in ("sgd", "rmsprop") else dict(lr=1e-2)
     theirs = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop,
-              "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](master, **kw)
+              "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam,
+              "adamax": torch.optim.Adamax}[name](master, **kw)
     ours = dopt.OPTIMIZERS[name](low, **kw)
     for _ in range(20):
         for pm, pl in zip(master, low, strict=True):

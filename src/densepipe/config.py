@@ -455,7 +455,8 @@ class OptimizerConfig(Section):
     momentum: float = Field(0.0, ge=0)       # sgd / rmsprop
     nesterov: bool = False
     dampening: float = Field(0.0, ge=0)
-    betas: tuple[_Beta, _Beta] = (0.9, 0.999)  # adam / adamw
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)  # adam / adamw / nadam / adamax
+    momentum_decay: float = Field(4e-3, ge=0)  # nadam: how fast its momentum schedule rises to beta1
     eps: float | None = Field(None, gt=0)    # default per optimizer
     amsgrad: bool = False
     alpha: float = Field(0.99, gt=0, lt=1)   # rmsprop smoothing

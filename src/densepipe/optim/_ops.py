@@ -13,7 +13,7 @@ from densepipe import _C  # noqa: F401  (loads the library: runs the TORCH_LIBRA
 
 ops = torch.ops.densepipe
 
-_IN_PLACE = ("sgd_step_", "adagrad_step_", "rmsprop_step_", "adam_step_",
+_IN_PLACE = ("sgd_step_", "adagrad_step_", "rmsprop_step_", "adam_step_", "nadam_step_", "adamax_step_",
              "clip_grads_with_norm_", "clip_grads_by_value_")
 
 
@@ -34,3 +34,8 @@ def _grad_norm_fake(grads, norm_type):
 @torch.library.register_fake("densepipe::advance_steps_")
 def _advance_steps_fake(steps):
     return torch.empty(len(steps), dtype=torch.float64, device="cpu")
+
+
+@torch.library.register_fake("densepipe::mul_scalars_")
+def _mul_scalars_fake(values, factor):
+    return torch.empty(len(values), dtype=torch.float64, device="cpu")

@@ -39,6 +39,7 @@ CONSTRAINTS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "lr_decay": ("lr_decay value", _nonneg),
     "initial_accumulator_value": ("initial_accumulator_value value", _nonneg),
     "alpha": ("alpha value", _nonneg),
+    "momentum_decay": ("momentum_decay value", _nonneg),
 }
 
 

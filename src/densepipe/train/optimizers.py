@@ -67,5 +67,16 @@ def adamw(params, cfg):
                           weight_decay=_wd(cfg, 1e-2), amsgrad=cfg.amsgrad)
 
 
+@OPTIMIZERS.register("nadam")
+def nadam(params, cfg):
+    return _optim().NAdam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=_eps(cfg, 1e-8),
+                          weight_decay=_wd(cfg), momentum_decay=cfg.momentum_decay)
+
+
+@OPTIMIZERS.register("adamax")
+def adamax(params, cfg):
+    return _optim().Adamax(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=_eps(cfg, 1e-8), weight_decay=_wd(cfg))
+
+
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.name](params, cfg)
