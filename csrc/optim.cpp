@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace densepipe::optim {
 
@@ -200,48 +201,42 @@ namespace densepipe::optim {
 
 namespace {
 
-// Counters on the CPU are bumped in place without a dispatch each (a group has one
-// counter per parameter, and this runs every step); others go through add_ and item.
-at::Tensor advance_steps(at::TensorList steps) {
-  at::Tensor out = at::empty({static_cast<int64_t>(steps.size())}, at::kDouble);
-  double* values = out.mutable_data_ptr<double>();
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.numel() == 1 && s.is_floating_point(), "densepipe advance_steps_: steps[", i,
+// Updates one-element tensors in place and returns their new values as a float64 CPU tensor.
+// CPU ones are updated directly in their own dtype, without a dispatch each (a group has one per
+// parameter, and this runs every step); others go through `fallback` (an ATen op) and item.
+template <typename Update, typename Fallback>
+at::Tensor update_scalars(const char* op, const char* name, at::TensorList values, Update update,
+                          Fallback fallback) {
+  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::kDouble);
+  double* result = out.mutable_data_ptr<double>();
+  for (size_t i = 0; i < values.size(); ++i) {
+    const at::Tensor& s = values[i];
+    TORCH_CHECK(s.numel() == 1 && s.is_floating_point(), "densepipe ", op, ": ", name, "[", i,
                 "] must be a floating-point tensor with one element, got shape ", s.sizes(),
                 " and dtype ", s.scalar_type());
     if (s.is_cpu() && s.scalar_type() == at::kFloat) {
-      values[i] = ++*s.mutable_data_ptr<float>();
+      result[i] = update(*s.mutable_data_ptr<float>());
     } else if (s.is_cpu() && s.scalar_type() == at::kDouble) {
-      values[i] = ++*s.mutable_data_ptr<double>();
+      result[i] = update(*s.mutable_data_ptr<double>());
     } else {
-      s.add_(1);
-      values[i] = s.item<double>();
+      fallback(s);
+      result[i] = s.item<double>();
     }
   }
   return out;
 }
 
+at::Tensor advance_steps(at::TensorList steps) {
+  return update_scalars(
+      "advance_steps_", "steps", steps, [](auto& v) { return ++v; }, [](const at::Tensor& s) { s.add_(1); });
+}
+
+// In the tensor's own dtype, as torch's `t *= factor` rounds (float32 for NAdam's mu_product).
 at::Tensor mul_scalars(at::TensorList values, double factor) {
-  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, at::kDouble);
-  double* result = out.mutable_data_ptr<double>();
-  for (size_t i = 0; i < values.size(); ++i) {
-    const at::Tensor& s = values[i];
-    TORCH_CHECK(s.numel() == 1 && s.is_floating_point(), "densepipe mul_scalars_: values[", i,
-                "] must be a floating-point tensor with one element, got shape ", s.sizes(),
-                " and dtype ", s.scalar_type());
-    if (s.is_cpu() && s.scalar_type() == at::kFloat) {  // float32 math, as torch's in-place multiply
-      float& v = *s.mutable_data_ptr<float>();
-      result[i] = v *= static_cast<float>(factor);
-    } else if (s.is_cpu() && s.scalar_type() == at::kDouble) {
-      double& v = *s.mutable_data_ptr<double>();
-      result[i] = v *= factor;
-    } else {
-      s.mul_(factor);
-      result[i] = s.item<double>();
-    }
-  }
-  return out;
+  return update_scalars(
+      "mul_scalars_", "values", values,
+      [factor](auto& v) { return v *= static_cast<std::remove_reference_t<decltype(v)>>(factor); },
+      [factor](const at::Tensor& s) { s.mul_(factor); });
 }
 
 }  // namespace

@@ -149,31 +149,46 @@ struct RmspropRule {
   }
 };
 
-// ------------------------------------------------------------- Adam / AdamW
+// ------------------------------------------------------------- Adam family
+// What every Adam-style step with a second moment does first: weight decay (coupled into
+// the gradient, or decoupled onto the weights), then both moment averages, rounded in
+// torch's order (lerp, then v * beta2 + ((1 - beta2) * g) * g as its addcmul).
+template <typename T>
+struct AdamMoments {
+  T beta1_rest;    // 1 - beta1, from double
+  T beta2;         // decay of the second-moment average
+  T beta2_rest;    // 1 - beta2, from double
+  T weight_decay;  // L2 penalty, or decay rate when decoupled
+  T param_decay;   // 1 - lr * weight_decay, for decoupled decay, from double
+  bool decoupled;  // AdamW / decoupled NAdam: decay the weights, not the gradient
+  bool maximize;   // ascend
+
+  // Updates p (decay), m and v in place; returns the gradient the step reads.
+  template <typename V>
+  DP_HD V operator()(V& p, V grad, V& m, V& v) const {
+    if (decoupled && weight_decay != T(0)) p = p * V(param_decay);
+    const V g = effective_grad(grad, p, maximize, decoupled ? T(0) : weight_decay);
+    m = lerp(m, g, beta1_rest);
+    v = v * V(beta2) + V(beta2_rest) * g * g;
+    return g;
+  }
+};
+
 // lists: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]
 template <typename T, bool kAmsgrad>
 struct AdamRule {
   static constexpr int kLists = kAmsgrad ? 5 : 4;
-  T beta1_rest;    // 1 - beta1, from double
-  T beta2;         // decay of the second-moment average
-  T beta2_rest;    // 1 - beta2, from double
-  T eps;           // added to the bias-corrected root of the second moment
-  T weight_decay;  // L2 penalty (Adam) or decay rate (AdamW)
-  T param_decay;   // 1 - lr * weight_decay, for decoupled (AdamW) decay, from double
-  T step_size;     // lr / (1 - beta1^step), from double
-  T bc2_sqrt;      // sqrt(1 - beta2^step), from double
-  bool decoupled;  // AdamW: decay the weights, not the gradient
-  bool maximize;   // ascend
+  AdamMoments<T> moments;
+  T eps;        // added to the bias-corrected root of the second moment
+  T step_size;  // lr / (1 - beta1^step), from double
+  T bc2_sqrt;   // sqrt(1 - beta2^step), from double
 
   template <typename V>
   DP_HD void operator()(V* x) const {
     V& p = x[0];
     V& m = x[2];
     V& v = x[3];
-    if (decoupled && weight_decay != T(0)) p = p * V(param_decay);
-    const V g = effective_grad(x[1], p, maximize, decoupled ? T(0) : weight_decay);
-    m = lerp(m, g, beta1_rest);
-    v = v * V(beta2) + V(beta2_rest) * (g * g);
+    moments(p, x[1], m, v);
     V second = v;
     if constexpr (kAmsgrad) {
       x[4] = Lane<V>::max(x[4], v);
@@ -184,33 +199,23 @@ struct AdamRule {
   }
 };
 
-// --------------------------------------------------------------------- NAdam
-// lists: param, grad, exp_avg, exp_avg_sq. Adam with Nesterov momentum: the step mixes
-// the new gradient and the running average, weighted by the momentum schedule mu_t.
+// lists: param, grad, exp_avg, exp_avg_sq. NAdam, Adam with Nesterov momentum: the step
+// mixes the new gradient and the running average, weighted by the momentum schedule mu_t.
 template <typename T>
 struct NadamRule {
   static constexpr int kLists = 4;
-  T beta1_rest;    // 1 - beta1, from double
-  T beta2;         // decay of the second-moment average
-  T beta2_rest;    // 1 - beta2, from double
-  T eps;           // added to the bias-corrected root of the second moment
-  T weight_decay;  // L2 penalty, or decay rate when decoupled
-  T param_decay;   // 1 - lr * weight_decay, for decoupled decay, from double
-  T bc2;           // 1 - beta2^step, from double
-  T grad_step;     // lr (1 - mu_t) / (1 - prod mu): the step along the gradient itself
-  T avg_step;      // lr mu_{t+1} / (1 - prod mu * mu_{t+1}): the step along the average
-  bool decoupled;  // decay the weights, not the gradient
-  bool maximize;   // ascend
+  AdamMoments<T> moments;
+  T eps;        // added to the bias-corrected root of the second moment
+  T bc2;        // 1 - beta2^step, from double
+  T grad_step;  // lr (1 - mu_t) / (1 - prod mu): the step along the gradient itself
+  T avg_step;   // lr mu_{t+1} / (1 - prod mu * mu_{t+1}): the step along the average
 
   template <typename V>
   DP_HD void operator()(V* x) const {
     V& p = x[0];
     V& m = x[2];
     V& v = x[3];
-    if (decoupled && weight_decay != T(0)) p = p * V(param_decay);
-    const V g = effective_grad(x[1], p, maximize, decoupled ? T(0) : weight_decay);
-    m = lerp(m, g, beta1_rest);
-    v = v * V(beta2) + V(beta2_rest) * g * g;  // (value * g) * g, as torch's addcmul
+    const V g = moments(p, x[1], m, v);
     const V denom = Lane<V>::sqrt(Lane<V>::div(v, V(bc2))) + V(eps);
     // (step * x) / denom, in torch's order (addcdiv): the two terms nearly cancel at times,
     // where another rounding order would show.

@@ -135,12 +135,11 @@ void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList sq
   });
 }
 
-template <class Backend>
-void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, double lr, double beta1,
-               double beta2, double eps, double weight_decay, bool amsgrad, bool decoupled,
-               bool maximize, double step) {
-  constexpr const char* op = "adam_step_";
+// The checks and lists the Adam-style ops share: lr, betas in [0, 1), eps, weight_decay and
+// step, then params, grads and the two moment lists.
+inline std::vector<NamedList> adam_like(const char* op, at::TensorList params, at::TensorList grads,
+                                        NamedList first, NamedList second, double lr, double beta1,
+                                        double beta2, double eps, double weight_decay, double step) {
   check_range(op, "lr", lr, 0, INFINITY);
   check_range(op, "beta1", beta1, 0, 1, /*open_hi=*/true);
   check_range(op, "beta2", beta2, 0, 1, /*open_hi=*/true);
@@ -148,17 +147,34 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   check_range(op, "weight_decay", weight_decay, 0, INFINITY);
   check_range(op, "step", step, 1, INFINITY);
   auto named = param_and_grad(params, grads);
-  named.push_back({"exp_avgs", exp_avgs, true});
-  named.push_back({"exp_avg_sqs", exp_avg_sqs, true});
+  named.push_back(first);
+  named.push_back(second);
+  return named;
+}
+
+template <typename T>
+AdamMoments<T> adam_moments(double lr, double beta1, double beta2, double weight_decay, bool decoupled,
+                            bool maximize) {
+  return {T(1 - beta1), T(beta2), T(1 - beta2), T(weight_decay), T(1 - lr * weight_decay), decoupled,
+          maximize};
+}
+
+template <class Backend>
+void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, double lr, double beta1,
+               double beta2, double eps, double weight_decay, bool amsgrad, bool decoupled,
+               bool maximize, double step) {
+  constexpr const char* op = "adam_step_";
+  auto named = adam_like(op, params, grads, {"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
+                         lr, beta1, beta2, eps, weight_decay, step);
   optional_list(named, op, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad, "amsgrad");
   const Lists lists = check_lists(op, named);
   const AdamScalars s = adam_scalars(lr, beta1, beta2, step);
   dispatch_bool(amsgrad, [&](auto A) {
     Backend::apply(lists, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      return AdamRule<T, A.value>{T(1 - beta1), T(beta2), T(1 - beta2), T(eps), T(weight_decay),
-                                  T(1 - lr * weight_decay), T(s.step_size), T(s.bc2_sqrt),
-                                  decoupled, maximize};
+      return AdamRule<T, A.value>{adam_moments<T>(lr, beta1, beta2, weight_decay, decoupled, maximize),
+                                  T(eps), T(s.step_size), T(s.bc2_sqrt)};
     });
   });
 }
@@ -169,25 +185,17 @@ void nadam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double weight_decay, double momentum_decay, bool decoupled, bool maximize,
                 double step, double mu_product) {
   constexpr const char* op = "nadam_step_";
-  check_range(op, "lr", lr, 0, INFINITY);
-  check_range(op, "beta1", beta1, 0, 1, /*open_hi=*/true);
-  check_range(op, "beta2", beta2, 0, 1, /*open_hi=*/true);
-  check_range(op, "eps", eps, 0, INFINITY);
-  check_range(op, "weight_decay", weight_decay, 0, INFINITY);
+  auto named = adam_like(op, params, grads, {"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
+                         lr, beta1, beta2, eps, weight_decay, step);
   check_range(op, "momentum_decay", momentum_decay, 0, INFINITY);
-  check_range(op, "step", step, 1, INFINITY);
   check_range(op, "mu_product", mu_product, 0, 1, /*open_hi=*/true);
-  auto named = param_and_grad(params, grads);
-  named.push_back({"exp_avgs", exp_avgs, true});
-  named.push_back({"exp_avg_sqs", exp_avg_sqs, true});
   const Lists lists = check_lists(op, named);
   const NadamScalars s = nadam_scalars(lr, beta1, momentum_decay, step, mu_product);
   const double bc2 = 1.0 - std::pow(beta2, step);
   Backend::apply(lists, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return NadamRule<T>{T(1 - beta1), T(beta2), T(1 - beta2), T(eps), T(weight_decay),
-                        T(1 - lr * weight_decay), T(bc2), T(s.grad_step), T(s.avg_step),
-                        decoupled, maximize};
+    return NadamRule<T>{adam_moments<T>(lr, beta1, beta2, weight_decay, decoupled, maximize), T(eps), T(bc2),
+                        T(s.grad_step), T(s.avg_step)};
   });
 }
 
@@ -196,16 +204,9 @@ void adamax_step(at::TensorList params, at::TensorList grads, at::TensorList exp
                  at::TensorList exp_infs, double lr, double beta1, double beta2, double eps,
                  double weight_decay, bool maximize, double step) {
   constexpr const char* op = "adamax_step_";
-  check_range(op, "lr", lr, 0, INFINITY);
-  check_range(op, "beta1", beta1, 0, 1, /*open_hi=*/true);
-  check_range(op, "beta2", beta2, 0, 1, /*open_hi=*/true);
-  check_range(op, "eps", eps, 0, INFINITY);
-  check_range(op, "weight_decay", weight_decay, 0, INFINITY);
-  check_range(op, "step", step, 1, INFINITY);
-  auto named = param_and_grad(params, grads);
-  named.push_back({"exp_avgs", exp_avgs, true});
-  named.push_back({"exp_infs", exp_infs, true});
-  const Lists lists = check_lists(op, named);
+  const Lists lists = check_lists(op, adam_like(op, params, grads, {"exp_avgs", exp_avgs, true},
+                                                {"exp_infs", exp_infs, true}, lr, beta1, beta2, eps,
+                                                weight_decay, step));
   const double step_size = lr / (1.0 - std::pow(beta1, step));
   Backend::apply(lists, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -55,27 +55,30 @@ def rmsprop(params, cfg):
                             momentum=cfg.momentum, weight_decay=_wd(cfg))
 
 
+def _adam_family(cls_name: str, params, cfg, weight_decay: float = 0.0, **extra):
+    """The Adam-style optimizers share lr, betas, eps (default 1e-8) and weight_decay."""
+    return getattr(_optim(), cls_name)(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=_eps(cfg, 1e-8),
+                                       weight_decay=_wd(cfg, weight_decay), **extra)
+
+
 @OPTIMIZERS.register("adam")
 def adam(params, cfg):
-    return _optim().Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=_eps(cfg, 1e-8),
-                         weight_decay=_wd(cfg), amsgrad=cfg.amsgrad)
+    return _adam_family("Adam", params, cfg, amsgrad=cfg.amsgrad)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(params, cfg):
-    return _optim().AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=_eps(cfg, 1e-8),
-                          weight_decay=_wd(cfg, 1e-2), amsgrad=cfg.amsgrad)
+    return _adam_family("AdamW", params, cfg, 1e-2, amsgrad=cfg.amsgrad)
 
 
 @OPTIMIZERS.register("nadam")
 def nadam(params, cfg):
-    return _optim().NAdam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=_eps(cfg, 1e-8),
-                          weight_decay=_wd(cfg), momentum_decay=cfg.momentum_decay)
+    return _adam_family("NAdam", params, cfg, momentum_decay=cfg.momentum_decay)
 
 
 @OPTIMIZERS.register("adamax")
 def adamax(params, cfg):
-    return _optim().Adamax(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=_eps(cfg, 1e-8), weight_decay=_wd(cfg))
+    return _adam_family("Adamax", params, cfg)
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
