@@ -98,7 +98,7 @@ def error(raw) -> str:
     # a layer without its type
     ({"model": {"layers": [{"units": 10}]}},
      r"model\.layers\[0\]: a layer needs a 'type'; allowed: dense, dropout, batchnorm, activation, "
-     r"gaussian_noise, concatenate, add \(got \{units: 10\}\)"),
+     r"prelu, gaussian_noise, concatenate, add \(got \{units: 10\}\)"),
     # class weights
     (train(class_weight="balance"),
      r"train\.class_weight: unknown class_weight \(did you mean 'balanced'\?\); allowed: balanced, or a "

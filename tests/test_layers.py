@@ -197,6 +197,58 @@ def test_softmax_rows_is_torch_softmax_on_every_width(shape, log):
                                rtol=1e-12, atol=1e-12)
 
 
+# ------------------------------------------------------------------------ prelu
+def test_prelu_starts_as_relu_and_is_torchs_prelu_with_its_alphas():
+    model = build([{"type": "dense", "units": 6, "bias_initializer": "random_normal"},
+                   {"type": "prelu", "name": "act"},
+                   {"type": "dense", "units": "auto"}])
+    prelu, x = model.layers["act"], inputs()["features"]
+    h = model.layers["dense_1"](x).detach()
+    assert (h < 0).any() and (h > 0).any()
+    torch.testing.assert_close(prelu(h), torch.relu(h), rtol=0, atol=0)   # Keras' zeros alpha
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(-0.5, 1.0, 6))
+    reference = torch.nn.PReLU(6)
+    reference.load_state_dict(prelu.state_dict())                          # same key and layout
+    torch.testing.assert_close(prelu(h), reference(h), rtol=0, atol=0)
+    keras = h.clamp(min=0) + prelu.weight.detach() * h.clamp(max=0)         # Keras' formula
+    torch.testing.assert_close(prelu(h), keras)
+    # alpha learns: its gradient is the upstream gradient times min(0, x), summed over rows.
+    g = torch.randn(h.shape, generator=torch.Generator().manual_seed(2))
+    (prelu(h) * g).sum().backward()
+    torch.testing.assert_close(prelu.weight.grad, (g * h.clamp(max=0)).sum(0))
+
+
+def test_shared_prelu_has_one_alpha_from_its_initializer():
+    model = build([{"type": "dense", "units": 5},
+                   {"type": "prelu", "name": "act", "shared": True,
+                    "alpha_initializer": {"name": "constant", "value": 0.25}},
+                   {"type": "dense", "units": "auto"}])
+    prelu = model.layers["act"]
+    assert prelu.weight.tolist() == [0.25]                                   # torch's nn.PReLU()
+    h = torch.linspace(-2, 2, 10).reshape(2, 5)
+    torch.testing.assert_close(prelu(h), torch.nn.PReLU()(h).detach())
+    rows = {r["layer"]: r["params"] for r in model.summary()}
+    assert rows["act"] == 1
+    # Training reaches it: the optimizer holds it with the dense weights.
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 5}, {"type": "prelu", "name": "act"},
+                                             {"type": "dense", "units": "auto"}]},
+                        "train": {"progress": "quiet", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.1}}})
+    model = build_model(cfg.model, cfg.train, REG3, 0)
+    gen = torch.Generator().manual_seed(4)
+    data = Split({"features": torch.randn(64, 8, generator=gen)}, {"target": torch.randn(64, 3, generator=gen)})
+    Trainer(model, cfg.train, seed=0).fit(data)
+    assert torch.count_nonzero(model.layers["act"].weight) == 5
+
+
+def test_prelu_alpha_initializer_that_cannot_fill_a_vector_is_refused():
+    with pytest.raises(config.ConfigError) as err:
+        build([{"type": "dense", "units": 4}, {"type": "prelu", "alpha_initializer": "orthogonal"},
+               {"type": "dense", "units": "auto"}])
+    assert ("model.layers[1].alpha_initializer: initializer orthogonal cannot fill a prelu alpha (1-D)"
+            in str(err.value))
+
+
 # --------------------------------------------------------------- gaussian noise
 def test_gaussian_noise_only_in_training():
     stddev = 0.5

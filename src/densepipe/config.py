@@ -219,21 +219,22 @@ def _fill_error(spec: str | dict, rank: int) -> str | None:
     return None if torch.isfinite(w).all() else "it gives non-finite values"
 
 
-def _initializer(rank: int):
-    """A validator for an initializer that fills a tensor of this rank (kernel 2, bias 1)."""
+def _initializer(rank: int, role: str | None = None):
+    """A validator for an initializer that fills a tensor of this rank (kernel 2, bias 1); `role`
+    names it in messages when it is neither."""
     def check(value):
         if value is None:
             return value
         spec = _named(_INITIALIZER_ARGS, value)
         error = _fill_error(spec, rank)
         if error:
-            role = _WEIGHT_ROLES[rank][0]
+            what = role or _WEIGHT_ROLES[rank][0]
             name = spec if isinstance(spec, str) else spec["name"]
             if _fill_error(name, rank):   # the scheme itself, whatever its arguments
                 fit = [n for n in _initializers().names() if not _fill_error(n, rank)]
-                raise ValueError(f"initializer {name} cannot fill a {role} ({rank}-D): {error}; "
-                                 f"initializers for a {role}: {', '.join(fit)}")
-            raise ValueError(f"initializer {_show(spec)} cannot fill a {role}: {error}")
+                raise ValueError(f"initializer {name} cannot fill a {what} ({rank}-D): {error}; "
+                                 f"initializers for a {what}: {', '.join(fit)}")
+            raise ValueError(f"initializer {_show(spec)} cannot fill a {what}: {error}")
         return spec
     return check
 
@@ -372,6 +373,14 @@ class GaussianNoiseLayer(_Layer):
     stddev: float = Field(gt=0)                  # active in training only (denoising autoencoders)
 
 
+class PReLULayer(_Layer):
+    type: Literal["prelu"] = "prelu"
+    alpha_initializer: str | dict[str, Any] = "zeros"   # Keras' default: starts as relu
+    shared: bool = False                                 # one alpha for all units (torch's nn.PReLU())
+
+    _alpha_init = field_validator("alpha_initializer")(_initializer(rank=1, role="prelu alpha"))
+
+
 class ConcatenateLayer(_Layer):
     type: Literal["concatenate"] = "concatenate"
 
@@ -381,7 +390,7 @@ class AddLayer(_Layer):
 
 
 LayerConfig = Annotated[
-    DenseLayer | DropoutLayer | BatchNormLayer | ActivationLayer | GaussianNoiseLayer | ConcatenateLayer
+    DenseLayer | DropoutLayer | BatchNormLayer | ActivationLayer | PReLULayer | GaussianNoiseLayer | ConcatenateLayer
     | AddLayer,
     Field(discriminator="type"),
 ]
@@ -594,7 +603,7 @@ class Config(Section):
 
 
 # ------------------------------------------------------------------------ loading / errors
-_LAYER_TYPES = [DenseLayer, DropoutLayer, BatchNormLayer, ActivationLayer, GaussianNoiseLayer,
+_LAYER_TYPES = [DenseLayer, DropoutLayer, BatchNormLayer, ActivationLayer, PReLULayer, GaussianNoiseLayer,
                 ConcatenateLayer, AddLayer]
 _LAYER_BY_TAG = {m.model_fields["type"].default: m for m in _LAYER_TYPES}
 
@@ -758,7 +767,7 @@ def resolved(cfg: Config) -> dict:
 
 
 # Keys whose value is a name, or {name: ..., **arguments}.
-_NAMED = ("loss", "initializer", "bias_initializer", "constraint", "bias_constraint")
+_NAMED = ("loss", "initializer", "bias_initializer", "alpha_initializer", "constraint", "bias_constraint")
 
 
 def with_named_mappings(params):

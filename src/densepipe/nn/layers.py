@@ -89,6 +89,30 @@ def build_activation(cfg, widths, ctx):
     return Activation(name, cfg.alpha), _single(widths, "activation")
 
 
+class PReLU(nn.Module):
+    """max(0, x) + alpha * min(0, x) with a learned alpha per unit (Keras' PReLU on a dense
+    layer's output) or one for all (`shared`, torch's nn.PReLU()); `weight` is named and laid out
+    as nn.PReLU's."""
+
+    def __init__(self, width: int, shared: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1 if shared else width))  # (units,) or (1,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.prelu(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"num_parameters={self.weight.numel()}"
+
+
+@LAYERS.register("prelu", "p_relu")
+def build_prelu(cfg, widths, ctx):
+    width = _single(widths, "prelu")
+    layer = PReLU(width, cfg.shared)
+    initialize(layer.weight, cfg.alpha_initializer, ctx.generator)
+    return layer, width
+
+
 @LAYERS.register("dropout")
 def build_dropout(cfg, widths, ctx):
     return nn.Dropout(cfg.rate), _single(widths, "dropout")
