@@ -75,6 +75,9 @@ class DenseModel(nn.Module):
         # Outputs with a split-off head that other layers read: those readers need the head applied.
         read = {i for node in nodes for i in node.inputs}
         self._activated = {h.node: h for h in heads.values() if h.node in read and h.activation != "linear"}
+        # (layer, parameter name, l1, l2) per penalized parameter: training asks every step.
+        self._penalties = [(m, attr, l1, l2) for m in modules.values()
+                           for attr, (l1, l2) in getattr(m, "penalties", {}).items() if l1 or l2]
         # (layer, parameter name, projection) per declared constraint; looked up by name at each
         # step, so moving the model to another device leaves them pointing at its weights.
         self._constraints = [(m, attr, constraint(spec)) for m in modules.values()
@@ -112,13 +115,12 @@ class DenseModel(nn.Module):
     def penalty(self) -> Tensor | None:
         """Sum of the dense layers' L1/L2 penalties on kernels and biases (None when there are none)."""
         total = None
-        for m in self.layers.values():
-            for attr, (l1, l2) in getattr(m, "penalties", {}).items():
-                w = getattr(m, attr)
-                for rate, term in ((l1, w.abs), (l2, w.square)):
-                    if rate:
-                        part = rate * term().sum()
-                        total = part if total is None else total + part
+        for module, attr, l1, l2 in self._penalties:
+            w = getattr(module, attr)
+            for rate, term in ((l1, w.abs), (l2, w.square)):
+                if rate:
+                    part = rate * term().sum()
+                    total = part if total is None else total + part
         return total
 
     @property
