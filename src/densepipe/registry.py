@@ -14,6 +14,14 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def split_named(spec: str | dict) -> tuple[str, dict]:
+    """A vocabulary entry as params.yaml writes it, a name or {name: ..., **arguments}, as
+    (name, arguments)."""
+    if isinstance(spec, str):
+        return spec, {}
+    return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+
+
 def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from densepipe.registry import Registry
+from densepipe.registry import Registry, split_named
 
 CONSTRAINTS: Registry[Callable[..., None]] = Registry("constraint")
 
@@ -58,7 +58,5 @@ def non_neg(w: Tensor) -> None:
 
 def constraint(spec: str | dict) -> Callable[[Tensor], None]:
     """A name or {name: ..., **arguments} as a function that constrains a tensor in place."""
-    if isinstance(spec, str):
-        return CONSTRAINTS[spec]
-    args = {k: v for k, v in spec.items() if k != "name"}
-    return partial(CONSTRAINTS[spec["name"]], **args)
+    name, args = split_named(spec)
+    return partial(CONSTRAINTS[name], **args)

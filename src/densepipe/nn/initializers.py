@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from densepipe.registry import Registry
+from densepipe.registry import Registry, split_named
 
 INITIALIZERS: Registry = Registry("initializer")
 
@@ -121,6 +121,5 @@ def initialize(w: Tensor, spec: str | dict | None, generator=None) -> Tensor:
     """Applies an initializer given as a name or {name: ..., **kwargs}."""
     if spec is None:
         return w
-    name, kwargs = (spec, {}) if isinstance(spec, str) else (spec["name"], {k: v for k, v in spec.items()
-                                                                             if k != "name"})
+    name, kwargs = split_named(spec)
     return INITIALIZERS[name](w, generator=generator, **kwargs)

@@ -20,6 +20,7 @@ from densepipe.nn.constraints import constraint
 from densepipe.nn.dense import FusedDense, run_chain
 from densepipe.nn.layers import LAYERS, BuildContext
 from densepipe.nn.losses import LOSSES
+from densepipe.registry import split_named
 
 HEAD_ACTIVATIONS = ("sigmoid", "softmax", "step")
 AUTO_ACTIVATION = {"binary": "sigmoid", "multiclass": "softmax", "regression": "linear",
@@ -276,6 +277,9 @@ LOSS_TASKS = {
     "mape": VALUES,
     "msle": VALUES,
 }
+# Losses that read the target's own values (errors relative to them, or their logs): a scaled
+# target is other values, so the train stage refuses them on one.
+UNSCALED_LOSSES = ("mape", "msle")
 
 
 def _head_task(task: str, width: int) -> str:
@@ -307,8 +311,7 @@ def _make_head(node: str, out: dict, spec: DataSpec, activation: str, width: int
     loss = ocfg.loss
     if loss == "auto":
         loss = "perceptron" if activation == "step" else AUTO_LOSS[task]
-    name, params = (loss, {}) if isinstance(loss, str) else (loss["name"], {k: v for k, v in loss.items()
-                                                                          if k != "name"})
+    name, params = split_named(loss)
     name = LOSSES.canonical(name)
     _check_fits("loss", "losses", name, LOSS_TASKS, node, out["target"], target, width)
     metrics = list(ocfg.metrics) or _default_metrics(target.task, train_cfg)

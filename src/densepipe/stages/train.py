@@ -22,7 +22,7 @@ from densepipe import tracking
 from densepipe.data.arrays import data_spec, load_arrays, to_split
 from densepipe.data.preprocess import Preprocessor
 from densepipe.io import write_json
-from densepipe.nn.model import build_model
+from densepipe.nn.model import UNSCALED_LOSSES, build_model
 from densepipe.stages.common import as_config_error, load_params, seed_everything
 from densepipe.train import distributed
 from densepipe.train.loop import WALL_CLOCK, DivergenceError, Trainer
@@ -79,14 +79,9 @@ def target_units(pre: Preprocessor) -> dict[str, tuple[float, float]]:
             if spec["task"] == "regression" and (spec["center"], spec["scale"]) != (0.0, 1.0)}
 
 
-# Losses that read the target's own values (errors relative to them, or their logs): a scaled
-# target is other values, so these need the target as the data has it.
-_UNSCALED_LOSSES = ("mape", "msle")
-
-
 def _check_losses_fit_scaling(model, units: dict) -> None:
     for head in model.heads.values():
-        if head.loss in _UNSCALED_LOSSES and head.target in units:
+        if head.loss in UNSCALED_LOSSES and head.target in units:
             raise config_mod.ConfigError(
                 f"output '{head.node}': loss '{head.loss}' reads target '{head.target}' in its own units, but "
                 f"scale.target scales it; set scale.target: none")
