@@ -660,6 +660,11 @@ def _unknown_key(key: str, allowed: list[str]) -> str:
     return f"unknown key{hint}; allowed keys here: {', '.join(allowed)}"
 
 
+def error_message(e: dict) -> str:
+    """One pydantic error's message, less the "Value error, " it puts before a validator's own words."""
+    return e["msg"].removeprefix("Value error, ")
+
+
 def format_errors(err: ValidationError, model: type[BaseModel] = Config) -> str:
     lines: dict[str, list[str]] = {}   # path -> messages (several for a value no union member takes)
     got: dict[str, str] = {}           # path -> the offending value, shown once
@@ -680,7 +685,7 @@ def format_errors(err: ValidationError, model: type[BaseModel] = Config) -> str:
         elif kind == "missing":
             msg = "required key is missing"
         else:
-            msg = e["msg"].removeprefix("Value error, ")
+            msg = error_message(e)
             if not isinstance(value, dict):
                 got[path] = f" (got {value!r})"
         lines.setdefault(path, []).append(msg)

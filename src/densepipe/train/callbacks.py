@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from densepipe.config import error_message
 from densepipe.metrics import metric_mode
 from densepipe.registry import Registry
 
@@ -311,7 +312,7 @@ def check_callback_args(name: str, args: dict) -> None:
                 parts.append(f"unknown argument '{key}'{did_you_mean(key, allowed)}; "
                              f"allowed: {', '.join(allowed) or '(none)'}")
             else:
-                parts.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+                parts.append(f"{key}: {error_message(e)} (got {e.get('input')!r})")
         raise ValueError(f"callback {name}: " + "; ".join(parts)) from None
 
 
