@@ -31,10 +31,18 @@ def _layers(widths, acts, biases, dtype, device="cpu", seed=0, grad=True):
     return ws, bs
 
 
-def _reference(x, ws, bs, acts):
+def _stored(t, dtype):
+    """t's values as a tensor of `dtype` holds them; the gradient passes through unrounded."""
+    return t if dtype is None else t + (t.to(dtype).to(t.dtype) - t).detach()
+
+
+def _reference(x, ws, bs, acts, store=None):
+    """Layer by layer in x's precision; with `store`, each pre-activation and output is rounded
+    to that dtype as the chain keeps them between layers (in bfloat16 a pre-activation near zero
+    can change sign there, and relu's mask with it)."""
     h = x
     for w, b, (name, alpha) in zip(ws, bs, acts, strict=True):
-        h = ACTIVATIONS[name].reference(F.linear(h, w, b), alpha)
+        h = _stored(ACTIVATIONS[name].reference(_stored(F.linear(h, w, b), store), alpha), store)
     return h
 
 
@@ -54,7 +62,7 @@ def _check_chain(device, dtype, m, widths, acts, biases, seed):
     br = [b if b is None else b.detach().to(ref_dtype).requires_grad_() for b in bs]
 
     y = ops.dense_chain(x, ws, bs, [a for a, _ in acts], [al for _, al in acts])
-    y_ref = _reference(xr, wr, br, acts)
+    y_ref = _reference(xr, wr, br, acts, store=dtype if ref_dtype != dtype else None)
     assert y.shape == y_ref.shape and y.dtype == dtype
     _close(y, y_ref, dtype)
 

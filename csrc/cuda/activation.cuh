@@ -69,13 +69,13 @@ __device__ __forceinline__ C derivative(C s, C alpha) {
   if constexpr (A == Act::Linear) {
     return one;
   } else if constexpr (A == Act::Relu) {
-    return s > C(0) ? one : C(0);  // s = y; y > 0 exactly where z > 0
+    return s <= C(0) ? C(0) : one;  // s = y; y > 0 exactly where z > 0; a NaN passes the gradient as torch's CUDA kernel
   } else if constexpr (A == Act::LeakyRelu) {
     return s > C(0) ? one : alpha;  // alpha >= 0 keeps sign(y) = sign(z)
   } else if constexpr (A == Act::Elu) {
-    return s > C(0) ? one : s + alpha;  // alpha * e^z = y + alpha for z <= 0
+    return s <= C(0) ? s + alpha : one;  // alpha * e^z = y + alpha for z <= 0; NaN: 1, as torch's CUDA kernel
   } else if constexpr (A == Act::Selu) {
-    return s > C(0) ? C(kSeluScale) : s + C(kSeluScale * kSeluAlpha);
+    return s <= C(0) ? s + C(kSeluScale * kSeluAlpha) : C(kSeluScale);
   } else if constexpr (A == Act::Gelu) {  // s = z
     const C cdf = half * (one + derf(s * C(kSqrtHalf)));
     const C pdf = C(kInvSqrt2Pi) * dexp(C(-0.5) * s * s);

@@ -6,10 +6,11 @@
 
 namespace densepipe::cuda {
 
-// The activations cuBLASLt computes inside its epilogue.
+// The activations cuBLASLt computes inside its epilogue. Its RELU epilogues are
+// left out: they turn a NaN pre-activation into 0, where torch.relu keeps the NaN
+// (and a NaN weight must not vanish from the loss the divergence guard watches).
 enum class LtActivation : int {
   None,         // bias only (or nothing)
-  Relu,
   GeluTanhAux,  // tanh-approximated GELU, pre-activation stored to aux
 };
 

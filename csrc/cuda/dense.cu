@@ -1,9 +1,11 @@
 // CUDA kernels of the fused dense op, registered for the CUDA dispatch key.
 //
-// Forward: one cuBLASLt matmul whose epilogue adds the bias and, for relu and
-// gelu_tanh, applies the activation too; every other activation (and any
-// problem cuBLASLt declines) gets the GEMM followed by one vectorized
-// bias + activation pass. Backward: one pass computing g = grad_y * act'(saved)
+// Forward: one cuBLASLt matmul whose epilogue adds the bias and, for gelu_tanh,
+// applies the activation too; every other activation gets the GEMM followed by
+// one vectorized activation pass. A problem cuBLASLt declines (alignment, dtype)
+// runs as addmm, so the bias is still added before the single rounding to the
+// output dtype: a bfloat16 z rounded before the bias could change sign near zero
+// and flip relu's mask. Backward: one pass computing g = grad_y * act'(saved)
 // and the bias gradient, then the two GEMMs dx = g @ W and dW = g^T @ x.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,8 +25,7 @@ namespace densepipe::cuda {
 namespace {
 
 // Activations the cuBLASLt epilogue computes itself; the rest run in our kernel.
-constexpr std::array<std::pair<Act, LtActivation>, 2> kLtFused{{
-    {Act::Relu, LtActivation::Relu},
+constexpr std::array<std::pair<Act, LtActivation>, 1> kLtFused{{
     {Act::GeluTanh, LtActivation::GeluTanhAux},  // cuBLASLt's GELU is the tanh approximation
 }};
 
@@ -53,22 +54,20 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
   at::Tensor z = at::empty({a.rows, a.out_feat}, x.options());  // pre-activation, [M, N]
   const at::Tensor y = keep_z ? at::empty_like(z) : z;          // output, [M, N]; z itself unless z is kept
 
-  // Try the fused epilogue, then a bias-only epilogue; else a plain GEMM.
-  bool bias_done = false, act_done = a.act == Act::Linear;
+  // Try the fused epilogue, then a bias-only epilogue; else addmm (or mm). Every
+  // path leaves z = x W^T + b rounded once.
   const LtActivation fused = lt_fused(a.act, a.out_feat);
-  if (fused != LtActivation::None &&
-      lt_dense_matmul(x2, w, bias, fused, y, fused == LtActivation::GeluTanhAux ? z : at::Tensor())) {
-    bias_done = act_done = true;
-  } else if (lt_dense_matmul(x2, w, bias, LtActivation::None, z, at::Tensor())) {
-    bias_done = true;
-  } else {
-    at::mm_out(z, x2, w.t());
+  const bool act_done =
+      fused != LtActivation::None &&
+      lt_dense_matmul(x2, w, bias, fused, y, fused == LtActivation::GeluTanhAux ? z : at::Tensor());
+  if (!act_done && !lt_dense_matmul(x2, w, bias, LtActivation::None, z, at::Tensor())) {
+    if (bias.defined()) {
+      at::addmm_out(z, bias, x2, w.t());
+    } else {
+      at::mm_out(z, x2, w.t());
+    }
   }
-  const at::Tensor pending_bias = bias_done ? at::Tensor() : bias;
-  if (!act_done || pending_bias.defined()) {
-    // z + bias goes back into z only when z is returned as the pre-activation.
-    bias_activation(z, pending_bias, keep_z && pending_bias.defined() ? z : at::Tensor(), y, a.act, alpha);
-  }
+  if (!act_done && a.act != Act::Linear) activation_forward(z, y, a.act, alpha);
   const auto shape = dense_output_shape(x, a.out_feat);
   return {y.view(shape), keep_z ? z.view(shape) : not_computed(x)};
 }

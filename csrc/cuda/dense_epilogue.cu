@@ -84,53 +84,35 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------- forward
 
-// One element: v = z + b rounded to the storage type (as F.linear's output is),
-// then the activation in compute precision.
-template <Act A, typename T>
-__device__ __forceinline__ void bias_act_one(T z, bool has_bias, T b, acc_t<T> alpha, T& pre, T& y) {
-  using C = acc_t<T>;
-  pre = has_bias ? static_cast<T>(static_cast<C>(z) + static_cast<C>(b)) : z;
-  y = static_cast<T>(forward<A, C>(static_cast<C>(pre), alpha));
-}
-
-// V > 1: every pointer is 16-byte aligned and, with a bias, cols % V == 0 so a
-// vector never straddles two rows. z, preact and y may alias (in place).
+// y = act(z), z already holding the GEMM's output with its bias (one rounding to
+// the storage type, as F.linear's), the activation in compute precision. V > 1:
+// both pointers 16-byte aligned. z and y may alias (in place).
 template <Act A, typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-bias_act_kernel(const T* z, const T* __restrict__ bias, T* preact, T* y, int64_t n, int64_t cols,
-                acc_t<T> alpha) {
+act_kernel(const T* z, T* y, int64_t n, acc_t<T> alpha) {
+  using C = acc_t<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nvec = n / V;
   for (int64_t i = tid; i < nvec; i += stride) {
-    const int64_t base = i * V;
-    const Pack<T, V> zv = load<V>(z + base);
-    Pack<T, V> bv{};
-    if (bias) bv = load<V>(bias + base % cols);
-    Pack<T, V> pv, yv;
+    const Pack<T, V> zv = load<V>(z + i * V);
+    Pack<T, V> yv;
 #pragma unroll
-    for (int j = 0; j < V; ++j) bias_act_one<A, T>(zv.v[j], bias != nullptr, bv.v[j], alpha, pv.v[j], yv.v[j]);
-    if (preact) store<V>(preact + base, pv);
-    store<V>(y + base, yv);
+    for (int j = 0; j < V; ++j) yv.v[j] = static_cast<T>(forward<A, C>(static_cast<C>(zv.v[j]), alpha));
+    store<V>(y + i * V, yv);
   }
   for (int64_t i = nvec * V + tid; i < n; i += stride) {  // tail shorter than one vector
-    T pre, out;
-    bias_act_one<A, T>(z[i], bias != nullptr, bias ? bias[i % cols] : T(0), alpha, pre, out);
-    if (preact) preact[i] = pre;
-    y[i] = out;
+    y[i] = static_cast<T>(forward<A, C>(static_cast<C>(z[i]), alpha));
   }
 }
 
 template <Act A, typename T, int V>
-void launch_bias_act(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& preact,
-                     const at::Tensor& y, double alpha) {
-  const int64_t n = z.numel(), cols = z.size(-1);
+void launch_act(const at::Tensor& z, const at::Tensor& y, double alpha) {
+  const int64_t n = z.numel();
   const int64_t work = std::max<int64_t>(1, n / V);
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), int64_t{sm_count()} * kBlocksPerSm));
-  bias_act_kernel<A, T, V><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      z.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
-      preact.defined() ? preact.mutable_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(), n, cols,
-      static_cast<acc_t<T>>(alpha));
+  act_kernel<A, T, V><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      z.const_data_ptr<T>(), y.mutable_data_ptr<T>(), n, static_cast<acc_t<T>>(alpha));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -241,11 +223,8 @@ void dispatch(at::ScalarType dtype, Act act, bool vectorized, Args&&... args) {
 }
 
 template <Act A, typename T, int V>
-struct BiasAct {
-  static void run(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& preact, const at::Tensor& y,
-                  double alpha) {
-    launch_bias_act<A, T, V>(z, bias, preact, y, alpha);
-  }
+struct ActForward {
+  static void run(const at::Tensor& z, const at::Tensor& y, double alpha) { launch_act<A, T, V>(z, y, alpha); }
 };
 
 template <Act A, typename T, int V>
@@ -258,14 +237,9 @@ struct ActGrad {
 
 }  // namespace
 
-void bias_activation(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& preact,
-                     const at::Tensor& y, Act act, double alpha) {
+void activation_forward(const at::Tensor& z, const at::Tensor& y, Act act, double alpha) {
   if (z.numel() == 0) return;
-  const int64_t cols = z.size(-1);
-  const int vec = kVecBytes / static_cast<int>(z.element_size());
-  const bool vectorized = vec_aligned(z) && vec_aligned(bias) && vec_aligned(preact) && vec_aligned(y) &&
-                          (!bias.defined() || cols % vec == 0);
-  dispatch<BiasAct>(z.scalar_type(), act, vectorized, z, bias, preact, y, alpha);
+  dispatch<ActForward>(z.scalar_type(), act, vec_aligned(z) && vec_aligned(y), z, y, alpha);
 }
 
 void activation_grad(const at::Tensor& grad_y, const at::Tensor& saved, const at::Tensor& g,

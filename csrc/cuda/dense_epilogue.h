@@ -1,6 +1,6 @@
-// The dense layer's elementwise passes on CUDA: the forward bias + activation
-// epilogue (where the GEMM could not fuse it) and the backward act'(.) * grad_y
-// fused with the bias-gradient column sum.
+// The dense layer's elementwise passes on CUDA: the forward activation (where
+// the GEMM's epilogue could not apply it) and the backward act'(.) * grad_y fused
+// with the bias-gradient column sum.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,11 +9,9 @@
 
 namespace densepipe::cuda {
 
-// y = act(z + bias) over a contiguous row-major z[rows, cols]. bias ([cols]) may
-// be undefined. When preact is defined, z + bias is stored there as well (it may
-// be z itself). y may be z. Runs on the current stream.
-void bias_activation(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& preact,
-                     const at::Tensor& y, Act act, double alpha);
+// y = act(z) over contiguous tensors of one shape; y may be z. Runs on the
+// current stream.
+void activation_forward(const at::Tensor& z, const at::Tensor& y, Act act, double alpha);
 
 // g = grad_y * act'(saved) and db = g summed over rows, for contiguous
 // row-major [rows, cols] tensors. saved is read only for activations other than
