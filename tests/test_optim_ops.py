@@ -21,11 +21,20 @@ def lists(k: int, sizes=(1, 7, 65), dtype=torch.float32, device="cpu", seed=0):
             for _ in range(k)]
 
 
+def _centered_rmsprop_lists(L):
+    """params, grads, square_avgs, momentum_buffers, grad_avgs with square_avg >= grad_avg^2, so
+    the centered variance square_avg - grad_avg^2 stays positive (else its root is NaN)."""
+    p, g, square_avgs, bufs, grad_avgs = L(5)
+    for sq, ga in zip(square_avgs, grad_avgs, strict=True):
+        sq.add_(ga * ga)
+    return [p, g, square_avgs, bufs, grad_avgs]
+
+
 # op -> (lists it takes, its scalar arguments); the lists are params, grads, state...
 OP_CALLS = {
     "sgd_step_": lambda L: (L(3), (0.1, 0.9, 0.1, 0.01, False, False, False)),
     "adagrad_step_": lambda L: (L(3), (0.1, 0.01, 0.01, 1e-10, False, 3.0)),
-    "rmsprop_step_": lambda L: (L(5), (0.01, 0.99, 1e-8, 0.01, 0.9, True, False)),
+    "rmsprop_step_": lambda L: (_centered_rmsprop_lists(L), (0.01, 0.99, 1e-8, 0.01, 0.9, True, False)),
     "adam_step_": lambda L: (L(5), (1e-3, 0.9, 0.999, 1e-8, 0.01, True, True, False, 3.0)),
     "nadam_step_": lambda L: (L(4), (1e-3, 0.9, 0.999, 1e-8, 0.01, 4e-3, True, False, 3.0, 0.3)),
     "adamax_step_": lambda L: (L(4), (1e-3, 0.9, 0.999, 1e-8, 0.01, False, 3.0)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from densepipe.optim._ops import ops
-from densepipe.optim.optimizer import FusedOptimizer
+from densepipe.optim.optimizer import FusedOptimizer, state_like
 
 
 class SGD(FusedOptimizer):
@@ -30,8 +30,9 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _init_state(self, group, p):
-        # Filled by the kernel with the first gradient (torch's first-step rule).
-        return {"momentum_buffer": torch.empty_like(p, memory_format=torch.preserve_format)}
+        # Filled by the kernel with the first gradient (torch's first-step rule); float32
+        # under half/bfloat16 params, as every other optimizer's state.
+        return {"momentum_buffer": state_like(p)}
 
     def _prepare(self, group, params):
         # No step counter (as torch): the bucket key is whether the buffer is new.
