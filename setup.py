@@ -25,8 +25,8 @@ def _load_build_helpers():
 
 
 _build = _load_build_helpers()
-cpu_capability, cublas_include_dirs, cublaslt_link = (
-    _build.cpu_capability, _build.cublas_include_dirs, _build.cublaslt_link)
+cpu_capability, cublas_include_dirs, cublaslt_link, loaded_libstdcxx = (
+    _build.cpu_capability, _build.cublas_include_dirs, _build.cublaslt_link, _build.loaded_libstdcxx)
 
 ISA_FLAGS = {  # compiler flags that match ATen's vectorized code paths
     "DEFAULT": [],
@@ -51,7 +51,9 @@ def extension():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", f"-DCPU_CAPABILITY={cap}",
            f"-DCPU_CAPABILITY_{cap}", *ISA_FLAGS[cap]]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    common = dict(name="densepipe._C", sources=sources, extra_link_args=["-fopenmp"])
+    # torch's C++ runtime by path, ahead of the driver's own -lstdc++ (see loaded_libstdcxx).
+    runtime = loaded_libstdcxx()
+    common = dict(name="densepipe._C", sources=sources, extra_link_args=["-fopenmp", *([runtime] if runtime else [])])
     if not want_cuda():
         return cpp_extension.CppExtension(**common, extra_compile_args={"cxx": cxx})
     includes, link = cublas_include_dirs(), cublaslt_link()

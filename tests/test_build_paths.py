@@ -71,3 +71,32 @@ def test_no_library_found(layout):
     touch(site / "nvidia" / "cu13" / "include" / "cublasLt.h")  # headers alone do not link
     touch(home / "lib64" / "libcudart.so")
     assert _build.cublaslt_link() is None
+
+
+# ------------------------------------------------ the C++ runtime the extension links
+def test_loaded_libstdcxx_reads_the_process_maps(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f10 r--p 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "7f20-7f30 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.33\n"
+        "7f30-7f40 r--p 00010000 08:01 2 /usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.33\n"
+        "7f50-7f60 rw-p 00000000 00:00 0 \n")
+    assert _build.loaded_libstdcxx(str(maps)) == "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.33"
+    maps.write_text("7f00-7f10 r--p 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert _build.loaded_libstdcxx(str(maps)) is None
+    assert _build.loaded_libstdcxx(str(tmp_path / "missing")) is None
+
+
+def test_extension_shares_the_loaded_cxx_runtime():
+    """A second, static libstdc++ inside the extension crashes on the first number it formats
+    into an error message; the built extension must name the shared one torch loads."""
+    import shutil
+    import subprocess
+
+    import densepipe._C as ext
+
+    runtime = _build.loaded_libstdcxx()
+    assert runtime is not None and runtime.startswith("/")
+    assert shutil.which("ldd"), "ldd (glibc) lists the extension's shared libraries"
+    linked = subprocess.run(["ldd", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so.6 =>" in linked

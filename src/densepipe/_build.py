@@ -98,6 +98,21 @@ def cublaslt_link() -> dict[str, list[str]] | None:
     return None
 
 
+def loaded_libstdcxx(maps: str = "/proc/self/maps") -> str | None:
+    """The shared C++ runtime (libstdc++.so.6) this process has loaded, torch's own, or None.
+
+    Linked by path, it makes the extension use that runtime even where the compiler driver
+    links libstdc++ statically by default (a GCC configured with static standard libraries):
+    two C++ runtimes in one process disagree on locale state, and formatting the first number
+    into an error message then crashes."""
+    try:
+        with open(maps) as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
 # The CPU build of torch ships the c10/cuda headers but not this generated one;
 # for compile-only checks of our CUDA sources we supply its one line.
 _CUDA_CMAKE_MACROS = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
