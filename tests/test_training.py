@@ -469,3 +469,34 @@ def test_device_cuda_without_one_is_a_config_error():
     with pytest.raises(config.ConfigError, match=r"^train\.device: 'cuda' but (this torch .* is built without "
                                                  r"CUDA|no CUDA device is visible); use train\.device: auto"):
         Trainer(model, cfg.train)
+
+
+# ------------------------------------------------------------------------ CUDA
+PLAIN_MODEL = {"layers": [{"type": "dense", "units": 64, "activation": "tanh"},
+                          {"type": "dense", "units": "auto", "activation": "auto"}]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device not available")
+def test_training_on_cuda_follows_the_cpu_run():
+    # Without shuffling or dropout the two runs see the same batches and draws, so they
+    # differ only by the rounding of the two devices' kernels.
+    train, test = digits_splits()
+    runs = {dev: fit(PLAIN_MODEL, DIGITS, train, test, seed=3, epochs=3, batch_size=64, shuffle=False,
+                     device=dev) for dev in ("cpu", "cuda")}
+    (t_cpu, h_cpu), (t_gpu, h_gpu) = runs["cpu"], runs["cuda"]
+    assert next(t_gpu.model.parameters()).device.type == "cuda"
+    for r_cpu, r_gpu in zip(h_cpu.records, h_gpu.records, strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert r_gpu[key] == pytest.approx(r_cpu[key], rel=1e-4, abs=1e-5), key
+    s_cpu, s_gpu = t_cpu.model.state_dict(), t_gpu.model.state_dict()
+    for k in s_cpu:
+        torch.testing.assert_close(s_gpu[k].cpu(), s_cpu[k], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device not available")
+def test_digits_classifier_on_cuda_above_95_percent():
+    train, test = digits_splits()
+    trainer, history = fit(DIGITS_MODEL, DIGITS, train, test, epochs=20, batch_size=64, device="cuda")
+    pred = trainer.model.predict(test.to("cuda").inputs)["target"].argmax(dim=1).cpu()
+    assert (pred == test.targets["target"]).float().mean().item() > 0.95
+    assert history.records[-1]["val_accuracy"] > 0.95
