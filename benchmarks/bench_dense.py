@@ -116,6 +116,9 @@ def make_case(shape, activation: str, device: str, dtype: torch.dtype, compiled:
            "fused": no_grad(fused), "eager": no_grad(eager)}
     fb = {"fused": fwd_bwd(fused), "eager": fwd_bwd(eager)}
     if compiled:
+        # Each case compiles a fresh closure, grad mode on and off: without a reset dynamo's
+        # per-code-object recompile limit is reached after a few cases.
+        torch._dynamo.reset()
         fwd["compiled"] = no_grad(torch.compile(eager, fullgraph=True))
         fb["compiled"] = fwd_bwd(torch.compile(eager, fullgraph=True))
     return fwd, fb
