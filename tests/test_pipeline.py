@@ -32,7 +32,7 @@ def test_full_run_writes_every_output(project):
     assert _ran(first.stdout) == {"split", "scale", "train", "evaluate", "report"}
     for rel in ("data/split/train.parquet", "data/processed/preprocessor.json", "models/model.pt",
                 "metrics/train.json", "plots/history.csv", "plots/eval/confusion.csv", "plots/eval/roc.csv",
-                "predictions/test.csv", "reports/report.html"):
+                "predictions/test.csv", "reports/report.html", "reports/figures/model_graph.png"):
         assert (path / rel).exists(), rel
     test = json.loads((path / "metrics/test.json").read_text())
     assert test["accuracy"] > 0.9
@@ -41,7 +41,7 @@ def test_full_run_writes_every_output(project):
     assert {"loss", "val_loss", "accuracy", "val_accuracy", "lr"} <= set(history.columns)
     html = (path / "reports/report.html").read_text()
     for section in ("Diagnostics", "Test metrics", "confusion matrix", "gradient norms", "weight histograms",
-                    "Parameters (resolved)"):
+                    "model graph", "Parameters (resolved)"):
         assert section.lower() in html.lower(), section
 
 

@@ -61,12 +61,21 @@ def summary(argv):
     p.add_argument("--params", dest="params_option", default=None, metavar="PARAMS",
                    help="the pipeline's params file (default: params.yaml)")
     p.add_argument("--data", default="data/processed", help="processed data (for input/output widths)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the model graph into this PNG file (as Keras' plot_model with show_shapes)")
     args = p.parse_args(argv)
     if args.params and args.params_option and args.params != args.params_option:
         p.error(f"two params files given: {args.params} and --params {args.params_option}; give one")
     params = args.params_option or args.params or "params.yaml"
     from densepipe.summary import model_for_summary, render_summary
-    print(render_summary(model_for_summary(params, args.data)))
+    model = model_for_summary(params, args.data)
+    print(render_summary(model))
+    if args.plot:
+        from densepipe.io import write_bytes
+        from densepipe.report.figures import to_png
+        from densepipe.report.model_graph import model_graph_figure
+        write_bytes(Path(args.plot), to_png(model_graph_figure(model)))
+        print(f"model graph: {args.plot}")
 
 
 @command("predict")

@@ -217,6 +217,14 @@ def embedding(ctx):
     return fig
 
 
+@FIGURES.register("model_graph")
+def model_graph(ctx):
+    from densepipe.report.model_graph import model_graph_figure
+
+    model = ctx.get("model")
+    return None if model is None else model_graph_figure(model)
+
+
 def render_all(ctx) -> list[tuple[str, bytes]]:
     """(name, png) for every figure that applies to this run."""
     out = []

@@ -43,6 +43,7 @@ def _context(args, loaded, max_layers: int) -> dict:
         "weights": {n: m.weight.detach().cpu().numpy()
                     for n, m in list(loaded.model.dense_layers().items())[:max_layers]},
         "dead_units": count_dead_units(loaded.model, split.inputs),
+        "model": loaded.model,
     }
     recon = [n for n, h in loaded.model.heads.items()
              if loaded.preprocessor.targets[h.target]["task"] == RECONSTRUCTION]
