@@ -12,7 +12,7 @@ import yaml
 from densepipe import cli, config
 from densepipe.metrics import METRICS
 from densepipe.nn.losses import LOSSES
-from densepipe.nn.model import LOSS_TASKS, DataSpec, TargetSpec, build_model
+from densepipe.nn.model import LOSS_TASKS, RATE_LOSSES, DataSpec, TargetSpec, build_model
 from densepipe.stages import scale as scale_stage
 from densepipe.stages import split as split_stage
 from densepipe.train.loop import Split, Trainer
@@ -31,9 +31,10 @@ HEADS = {
     "regression": (TargetSpec("regression", 1), "auto", "auto", torch.randn(ROWS, 1, generator=GEN)),
     "reconstruction": (TargetSpec("reconstruction", FEATURES), "auto", "auto", X),
 }
-CLASS_LOSSES = {"sparse_categorical_crossentropy", "categorical_crossentropy", "kl_divergence"}
+CLASS_LOSSES = {"sparse_categorical_crossentropy", "categorical_crossentropy", "kl_divergence", "categorical_hinge"}
 VALUE_LOSSES = {"mse", "mae", "huber", "log_cosh"}
-RELATIVE_LOSSES = {"mape", "msle"}  # relative to the target's own values: not a 0/1 label's
+RELATIVE_LOSSES = {"mape", "msle", "poisson"}  # relative to the target's own values: not a 0/1 label's
+DIRECTION_LOSSES = {"cosine_similarity"}  # each row's direction: a vector of values, not one probability
 CLASS_METRICS = {"accuracy", "precision", "recall", "f1", "auc"}
 VALUE_METRICS = {"mae", "mse", "rmse", "r2", "mape", "msle"}
 # What each head can be trained with: a one-unit binary head also takes the value losses and
@@ -42,8 +43,8 @@ FITTING_LOSSES = {
     "binary": {"binary_crossentropy", "hinge", "squared_hinge", "perceptron"} | VALUE_LOSSES,
     "binary_on_two_units": CLASS_LOSSES,
     "multiclass": CLASS_LOSSES,
-    "regression": VALUE_LOSSES | RELATIVE_LOSSES,
-    "reconstruction": VALUE_LOSSES | RELATIVE_LOSSES,
+    "regression": VALUE_LOSSES | RELATIVE_LOSSES | DIRECTION_LOSSES,
+    "reconstruction": VALUE_LOSSES | RELATIVE_LOSSES | DIRECTION_LOSSES,
 }
 FITTING_METRICS = {
     "binary": CLASS_METRICS | VALUE_METRICS,
@@ -56,6 +57,8 @@ FITTING_METRICS = {
 
 def build(head: str, loss="auto", metrics=("auto",)):
     target, units, activation, _ = HEADS[head]
+    if loss in RATE_LOSSES and activation == "auto" and target.task in ("regression", "reconstruction"):
+        activation = "softplus"  # a rate output: a linear one is refused (tested below)
     cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 6, "activation": "tanh"},
                                              {"type": "dense", "units": units, "activation": activation}]},
                         "train": {"loss": loss, "metrics": list(metrics), "epochs": 1, "batch_size": 16,
@@ -106,7 +109,17 @@ def test_a_value_or_margin_loss_on_ten_classes_names_the_class_losses(loss):
         build("multiclass", loss)
     assert str(err.value) == (f"output 'dense_2': loss '{loss}' does not fit target 'target', which is multiclass "
                               "(10 units); losses for it: sparse_categorical_crossentropy, categorical_crossentropy, "
-                              "kl_divergence")
+                              "kl_divergence, categorical_hinge")
+
+
+def test_a_rate_loss_needs_a_non_negative_output():
+    with pytest.raises(ValueError) as err:
+        config_model = {"layers": [{"type": "dense", "units": "auto", "activation": "linear"}]}
+        cfg = config.parse({"model": config_model, "train": {"loss": "poisson"}})
+        build_model(cfg.model, cfg.train, DataSpec({"features": FEATURES}, {"target": TargetSpec("regression", 1)}))
+    assert str(err.value) == ("output 'dense_1': loss 'poisson' reads the output as a rate, which activation "
+                              "'linear' can make negative; give the output layer one of: softplus, exponential, "
+                              "relu, relu6, sigmoid, hard_sigmoid")
 
 
 @pytest.mark.parametrize("loss", ["categorical_crossentropy", "kl_divergence", "sparse_categorical_crossentropy",
@@ -167,7 +180,8 @@ def test_train_command_reports_a_misfit_and_writes_nothing(digits, tmp_path, cap
 def test_a_loss_on_the_target_s_own_values_refuses_a_scaled_target(tmp_path, capsys, loss):
     params = {"seed": 0, "data": {"source": "diabetes"}, "scale": {"target": "standard"},
               "model": {"layers": [{"type": "dense", "units": 8, "activation": "relu"},
-                                   {"type": "dense", "units": "auto", "activation": "auto"}]},
+                                   {"type": "dense", "units": "auto",
+                                    "activation": "softplus" if loss in RATE_LOSSES else "auto"}]},
               "train": {"epochs": 2, "progress": "quiet", "loss": loss}, "mlflow": {"enabled": False}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     path = str(tmp_path / "params.yaml")

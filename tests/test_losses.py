@@ -168,6 +168,42 @@ def test_perceptron_criterion():
     close(zz.grad, torch.where(s * z < 0, -s, torch.zeros_like(s)))
 
 
+def test_categorical_hinge_keras_formula():
+    z, y = randn(N, 5, scale=2), labels(5)
+    zn, yn = z.numpy(), y.numpy()
+    onehot = np.eye(5)[yn]
+    # Keras: pos = sum(y_true * y_pred), neg = max((1 - y_true) * y_pred), max(0, neg - pos + 1)
+    pos, neg = (onehot * zn).sum(1), ((1 - onehot) * zn).max(1)
+    close(loss("categorical_hinge", z, y), np.maximum(0.0, neg - pos + 1))
+    close(loss("categorical_hinge", z, torch.tensor(onehot)), np.maximum(0.0, neg - pos + 1))  # one-hot targets
+    # A true score ahead of every other by the margin costs nothing.
+    clear = torch.full((3, 5), -1.0, dtype=torch.float64)
+    clear[torch.arange(3), torch.tensor([0, 2, 4])] = 1.5
+    assert loss("categorical_hinge", clear, torch.tensor([0, 2, 4])).tolist() == [0.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------ counts and directions
+@pytest.mark.parametrize("width", [1, 3])
+def test_poisson_vs_torch_and_keras_formula(width):
+    rate = F.softplus(randn(N, width))
+    counts = torch.poisson(torch.full((N, width), 2.0, dtype=torch.float64), generator=GEN)
+    ours = loss("poisson", rate, counts)
+    close(ours, (rate - counts * torch.log(rate + 1e-7)).mean(1))  # Keras' poisson
+    close(ours.mean(), F.poisson_nll_loss(rate, counts, log_input=False, eps=1e-7))
+    assert torch.isfinite(loss("poisson", torch.zeros(2, width, dtype=torch.float64),
+                               torch.ones(2, width, dtype=torch.float64))).all()
+
+
+def test_cosine_similarity_vs_torch_and_keras_sign():
+    p, t = randn(N, 4), randn(N, 4)
+    ours = loss("cosine_similarity", p, t)
+    close(ours, -F.cosine_similarity(p, t, dim=1), tol=1e-12)
+    close(loss("cosine", 3 * t, t), -torch.ones(N, dtype=torch.float64))       # same direction: -1
+    close(loss("cosine_similarity", -t, t), torch.ones(N, dtype=torch.float64))  # opposite: +1
+    zero = torch.zeros(1, 4, dtype=torch.float64)
+    close(loss("cosine_similarity", zero, t[:1]), torch.zeros(1, dtype=torch.float64))  # Keras: 0, not NaN
+
+
 def test_loss_fn_binds_parameters():
     p, t = randn(N, 1, scale=3), randn(N, 1)
     close(loss_fn("huber", delta=0.3)(p, t, "linear"), loss("huber", p, t, delta=0.3))

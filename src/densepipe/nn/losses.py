@@ -83,6 +83,26 @@ def msle(raw, target, head="linear"):
     return ((torch.log1p(p.clamp_min(_EPS)) - torch.log1p(t.clamp_min(_EPS))) ** 2).mean(dim=1)
 
 
+@LOSSES.register("poisson")
+def poisson(raw, target, head="linear"):
+    # Keras' poisson: the output is the rate itself (a softplus or relu output keeps it positive);
+    # epsilon keeps a zero rate finite.
+    p, t = _flat(_probs(raw, head), target)
+    return (p - t * torch.log(p + _EPS)).mean(dim=1)
+
+
+def _l2_normalize(x: Tensor) -> Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=1, keepdim=True).clamp_min(1e-12))  # Keras' epsilon
+
+
+@LOSSES.register("cosine_similarity", "cosine")
+def cosine_similarity(raw, target, head="linear"):
+    # Keras' sign: minus the cosine of each row's prediction and target, so -1 is a perfect match
+    # and lower is better, as for every loss.
+    p, t = _flat(_probs(raw, head), target)
+    return -(_l2_normalize(p) * _l2_normalize(t)).sum(dim=1)
+
+
 @LOSSES.register("binary_crossentropy", "bce", "binary_cross_entropy")
 def binary_crossentropy(raw, target, head="sigmoid", from_logits="auto", label_smoothing: float = 0.0):
     z, t = _flat(raw, target)
@@ -134,6 +154,16 @@ def hinge(raw, target, head="linear"):
 def squared_hinge(raw, target, head="linear"):
     z, t = _flat(raw, target)
     return (F.relu(1 - _signed(t, z.dtype) * z) ** 2).mean(dim=1)
+
+
+@LOSSES.register("categorical_hinge")
+def categorical_hinge(raw, target, head="softmax"):
+    # Keras' formula, max(0, 1 + best wrong score - true score), on the class scores before a
+    # softmax head (as hinge reads margins before a sigmoid).
+    t = _one_hot(target, raw.shape[-1], raw.dtype)
+    pos = (t * raw).sum(dim=-1)
+    neg = ((1 - t) * raw).amax(dim=-1)
+    return F.relu(neg - pos + 1)
 
 
 @LOSSES.register("perceptron")

@@ -231,7 +231,8 @@ def build_model(model_cfg, train_cfg, spec: DataSpec, seed: int = 0) -> DenseMod
         modules[name] = module
         prev = name
         if name in outputs:
-            heads[name] = _make_head(name, outputs[name], spec, head_act or "linear", width, train_cfg)
+            heads[name] = _make_head(name, outputs[name], spec, head_act or "linear", width, train_cfg,
+                                     head_act or act or "linear")
     _check_every_layer_feeds_an_output(nodes, set(heads))
     return DenseModel(nodes, modules, {_output_key(h, model_cfg): h for h in heads.values()}, spec.inputs)
 
@@ -267,6 +268,7 @@ LOSS_TASKS = {
     "sparse_categorical_crossentropy": CLASS_SCORES,
     "categorical_crossentropy": CLASS_SCORES,  # class ids are one-hot encoded inside the loss
     "kl_divergence": CLASS_SCORES,
+    "categorical_hinge": CLASS_SCORES,
     # Element-wise value losses also fit a one-unit binary head: its probability against the
     # 0/1 label (mse is the Brier score). A softmax's k scores do not line up with one class id.
     "mse": VALUES + ONE_UNIT,
@@ -276,10 +278,16 @@ LOSS_TASKS = {
     # Relative to the target's own values: a 0/1 label has none to divide by or take the log of.
     "mape": VALUES,
     "msle": VALUES,
+    "poisson": VALUES,                    # counts: rates against the observed numbers
+    "cosine_similarity": VALUES,          # each row's direction against the target row's
 }
 # Losses that read the target's own values (errors relative to them, or their logs): a scaled
 # target is other values, so the train stage refuses them on one.
-UNSCALED_LOSSES = ("mape", "msle")
+UNSCALED_LOSSES = ("mape", "msle", "poisson")
+# Losses that read the output as a rate, and the output activations that keep it non-negative
+# (on a linear output a negative rate makes the loss's log NaN).
+RATE_LOSSES = ("poisson",)
+NON_NEGATIVE_ACTIVATIONS = ("softplus", "exponential", "relu", "relu6", "sigmoid", "hard_sigmoid")
 
 
 def _head_task(task: str, width: int) -> str:
@@ -302,7 +310,9 @@ def _check_fits(what: str, plural: str, name: str, fits: dict[str, tuple[str, ..
                      f"{target.task} ({units}{read_as}); {plural} for it: {', '.join(allowed)}")
 
 
-def _make_head(node: str, out: dict, spec: DataSpec, activation: str, width: int, train_cfg) -> Head:
+def _make_head(node: str, out: dict, spec: DataSpec, activation: str, width: int, train_cfg,
+               output_activation: str) -> Head:
+    """output_activation: what the output's values come out of (the head's, or the layer's own)."""
     ocfg, target = out["cfg"], spec.targets[out["target"]]
     task = _head_task(target.task, width)  # a binary target may also sit on a two-unit softmax
     if width != target.width and task == target.task:
@@ -314,6 +324,10 @@ def _make_head(node: str, out: dict, spec: DataSpec, activation: str, width: int
     name, params = split_named(loss)
     name = LOSSES.canonical(name)
     _check_fits("loss", "losses", name, LOSS_TASKS, node, out["target"], target, width)
+    if name in RATE_LOSSES and output_activation not in NON_NEGATIVE_ACTIVATIONS:
+        raise ValueError(f"output '{node}': loss '{name}' reads the output as a rate, which activation "
+                         f"'{output_activation}' can make negative; give the output layer one of: "
+                         f"{', '.join(NON_NEGATIVE_ACTIVATIONS)}")
     metrics = list(ocfg.metrics) or _default_metrics(target.task, train_cfg)
     metric_tasks = {m: metric.tasks for m, metric in METRICS.items()}
     for m in metrics:
