@@ -97,8 +97,9 @@ def error(raw) -> str:
      r"train\.optimizer\.betas\[0\]: Input should be greater than or equal to 0 \(got -0\.1\)"),
     # a layer without its type
     ({"model": {"layers": [{"units": 10}]}},
-     r"model\.layers\[0\]: a layer needs a 'type'; allowed: dense, dropout, batchnorm, activation, "
-     r"prelu, gaussian_noise, concatenate, add \(got \{units: 10\}\)"),
+     r"model\.layers\[0\]: a layer needs a 'type'; allowed: dense, dropout, batchnorm, layernorm, activation, "
+     r"prelu, gaussian_noise, activity_regularization, concatenate, add, subtract, multiply, average, maximum, "
+     r"minimum \(got \{units: 10\}\)"),
     # class weights
     (train(class_weight="balance"),
      r"train\.class_weight: unknown class_weight \(did you mean 'balanced'\?\); allowed: balanced, or a "

@@ -1,6 +1,7 @@
 """Every layer type against plain PyTorch: fused vs reference dense, dropout,
-batchnorm (Keras moving statistics, batches of one row), activation, gaussian noise, add / concatenate in a
-graph model, L1/L2 penalties and the model summary table."""
+batchnorm (Keras moving statistics, batches of one row), layer normalization, activation, gaussian
+noise, the merge layers and concatenate in a graph model, L1/L2 penalties on weights and on layer
+outputs (activity), and the model summary table."""
 
 import re
 
@@ -287,6 +288,96 @@ def test_add_and_concatenate_in_a_graph_model():
                       "out": "(None, 2)"}
 
 
+@pytest.mark.parametrize("kind, formula", [
+    ("add", lambda a, b, c: a + b + c),
+    ("multiply", lambda a, b, c: a * b * c),
+    ("average", lambda a, b, c: (a + b + c) / 3),
+    ("maximum", lambda a, b, c: torch.maximum(torch.maximum(a, b), c)),
+    ("minimum", lambda a, b, c: torch.minimum(torch.minimum(a, b), c)),
+])
+def test_merge_layers_are_the_element_wise_formula(kind, formula):
+    spec = DataSpec({"a": 4, "b": 4, "c": 4}, {"target": TargetSpec("regression", 2)})
+    model = build([{"type": kind, "name": "m", "inputs": ["a", "b", "c"]},
+                   {"type": "dense", "name": "out", "units": "auto"}],
+                  spec, inputs={"a": {"columns": ["x0"]}, "b": {"columns": ["x1"]}, "c": {"columns": "rest"}})
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(9, 4, generator=gen, requires_grad=True) for _ in range(3))
+    merged = model.layers["m"](a, b, c)
+    expected = formula(a, b, c)
+    torch.testing.assert_close(merged, expected)
+    # Gradients reach every input as the formula's do (maximum / minimum: the winning one).
+    g = torch.randn(9, 4, generator=gen)
+    ours = torch.autograd.grad(merged, (a, b, c), g)
+    ref = torch.autograd.grad(expected, (a, b, c), g)
+    for got, want in zip(ours, ref, strict=True):
+        torch.testing.assert_close(got, want)
+    assert model.summary()[0]["output_shape"] == "(None, 4)"
+
+
+def test_subtract_is_the_first_input_minus_the_second():
+    spec = DataSpec({"a": 3, "b": 3}, {"target": TargetSpec("regression", 1)})
+    model = build([{"type": "subtract", "name": "diff", "inputs": ["b", "a"]},
+                   {"type": "dense", "name": "out", "units": "auto"}],
+                  spec, inputs={"a": {"columns": ["x0"]}, "b": {"columns": "rest"}})
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    L = model.layers
+    expected = (b - a) @ L["out"].weight.T + L["out"].bias
+    torch.testing.assert_close(model({"a": a, "b": b})["target"], expected)
+
+
+@pytest.mark.parametrize("kind, inputs, widths, message", [
+    ("subtract", ["a", "b", "c"], (3, 3, 3), "a subtract layer takes exactly 2 inputs, got 3"),
+    ("average", ["a", "b"], (3, 5, 3), "an average layer needs inputs of one width, got [3, 5]"),
+    ("maximum", ["a", "c"], (3, 3, 2), "a maximum layer needs inputs of one width, got [3, 2]"),
+])
+def test_merge_layers_refuse_inputs_that_do_not_fit(kind, inputs, widths, message):
+    spec = DataSpec(dict(zip("abc", widths, strict=True)), {"target": TargetSpec("regression", 1)})
+    with pytest.raises(ValueError) as err:
+        build([{"type": kind, "name": "m", "inputs": inputs}, {"type": "dense", "units": "auto"}], spec,
+              inputs={"a": {"columns": ["x0"]}, "b": {"columns": ["x1"]}, "c": {"columns": "rest"}})
+    assert str(err.value) == f"model.layers[0] (m): {message}"
+
+
+# ------------------------------------------------------------ layer normalization
+def test_layernorm_is_keras_formula_with_its_defaults():
+    model = build([{"type": "dense", "units": 6, "activation": "relu"},
+                   {"type": "layernorm", "gamma_initializer": "random_normal", "beta_initializer": "random_uniform"},
+                   {"type": "dense", "units": "auto"}])
+    ln = model.layers["layernorm_2"]
+    assert ln.eps == 1e-3                                             # Keras' default epsilon
+    assert {n: tuple(p.shape) for n, p in ln.named_parameters()} == {"weight": (6,), "bias": (6,)}
+    x = torch.randn(10, 6, requires_grad=True)
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)                     # biased, as Keras'
+    expected = (x - mean) / torch.sqrt(var + 1e-3) * ln.weight + ln.bias
+    torch.testing.assert_close(ln(x), expected)
+    g = torch.randn(10, 6)
+    ours = torch.autograd.grad(ln(x), (x, ln.weight, ln.bias), g)
+    ref = torch.autograd.grad(expected, (x, ln.weight, ln.bias), g)
+    for got, want in zip(ours, ref, strict=True):
+        torch.testing.assert_close(got, want)
+    rows = {r["layer"]: r["params"] for r in model.summary()}
+    assert rows["layernorm_2"] == 12                                  # gamma and beta, as Keras counts
+
+
+def test_layernorm_defaults_start_as_plain_standardization():
+    ln = build([{"type": "layernorm"}, {"type": "dense", "units": "auto"}]).layers["layernorm_1"]
+    assert torch.equal(ln.weight, torch.ones(8)) and torch.equal(ln.bias, torch.zeros(8))
+    out = ln(torch.randn(200, 8) * 5 + 3)
+    torch.testing.assert_close(out.mean(1), torch.zeros(200), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(1, correction=0), torch.ones(200), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("center, scale, names", [(False, True, ["weight"]), (True, False, ["bias"]),
+                                                  (False, False, [])])
+def test_layernorm_without_center_or_scale_has_no_such_parameter(center, scale, names):
+    ln = build([{"type": "layernorm", "center": center, "scale": scale, "epsilon": 1e-5},
+                {"type": "dense", "units": "auto"}]).layers["layernorm_1"]
+    assert [n for n, _ in ln.named_parameters()] == names
+    x = torch.randn(7, 8)
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (8,), ln.weight, ln.bias, 1e-5))
+
+
 # ------------------------------------------------------------------- penalties
 def test_l1_l2_penalty_is_the_formula():
     model = build([{"type": "dense", "units": 6, "l1": 0.01, "l2": 0.002, "bias_initializer": "random_normal"},
@@ -305,6 +396,55 @@ def test_l1_l2_penalty_is_the_formula():
     assert build([{"type": "dense", "units": "auto"}]).penalty() is None
 
 
+def test_keras_activity_regularizer_example():
+    # keras.regularizers' own example: Dense(5, kernel_initializer="ones", kernel_regularizer=L1(0.01),
+    # activity_regularizer=L2(0.01)) on a batch of five rows of 2s adds 0.25 + 5.0 = 5.25 to the loss.
+    spec = DataSpec({"features": 5}, {"target": TargetSpec("regression", 5)})
+    model = build([{"type": "dense", "units": 5, "initializer": "ones", "l1": 0.01, "activity_l2": 0.01}], spec)
+    x = torch.full((5, 5), 2.0)
+    model({"features": x})
+    rows = x.shape[0]
+    # The activity penalty is summed over the rows, as the losses are; per batch it is Keras' value.
+    torch.testing.assert_close(model.penalty(), torch.tensor(0.25))
+    torch.testing.assert_close(model.activity / rows, torch.tensor(5.0))
+
+
+def test_activity_penalties_are_the_formula_on_each_layer_output():
+    layers = [{"type": "dense", "units": 6, "activation": "relu", "activity_l1": 0.03},
+              {"type": "dense", "units": 5, "activation": "tanh"},
+              {"type": "activity_regularization", "l1": 0.02, "l2": 0.5},
+              {"type": "dense", "units": 4, "activation": "sigmoid", "activity_l2": 0.1},
+              {"type": "dense", "units": "auto", "activation": "softmax", "activity_l1": 0.2, "activity_l2": 0.3}]
+    spec = DataSpec({"features": 8}, {"target": TargetSpec("multiclass", 3)})
+    for kernels in ("fused", "reference"):
+        model = build(layers, spec, kernels=kernels)
+        L = model.layers
+        x = inputs()["features"]
+        h1 = F.relu(F.linear(x, L["dense_1"].weight, L["dense_1"].bias))
+        h2 = torch.tanh(F.linear(h1, L["dense_2"].weight, L["dense_2"].bias))
+        h4 = torch.sigmoid(F.linear(h2, L["dense_4"].weight, L["dense_4"].bias))
+        logits = F.linear(h4, L["dense_5"].weight, L["dense_5"].bias)
+        probs = torch.softmax(logits, 1)   # an output's penalty reads what Keras' layer returns
+        expected = (0.03 * h1.abs().sum() + 0.02 * h2.abs().sum() + 0.5 * (h2 ** 2).sum() + 0.1 * (h4 ** 2).sum()
+                    + 0.2 * probs.abs().sum() + 0.3 * (probs ** 2).sum())
+        raw = model({"features": x})["target"]
+        torch.testing.assert_close(raw, logits, rtol=1e-5, atol=1e-5)   # the regularization layer passes on
+        torch.testing.assert_close(model.activity, expected, rtol=1e-5, atol=1e-6)
+        ours = torch.autograd.grad(model.activity, list(model.parameters()))
+        ref = torch.autograd.grad(expected, list(model.parameters()))
+        for got, want in zip(ours, ref, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert build([{"type": "dense", "units": "auto"}]).activity is None
+
+
+def test_an_activity_penalty_breaks_the_fused_chain_only_where_it_must():
+    model = build([{"type": "dense", "units": 6, "activation": "relu"},
+                   {"type": "dense", "units": 5, "activation": "relu", "activity_l1": 0.1},
+                   {"type": "dense", "units": 4, "activation": "relu"},
+                   {"type": "dense", "units": "auto"}])
+    assert [[n.name for n in run] for run in model._runs] == [["dense_1", "dense_2"], ["dense_3", "dense_4"]]
+
+
 @pytest.mark.parametrize("key", ["bias_l1", "bias_l2", "bias_constraint", "bias_initializer"])
 def test_bias_settings_on_a_layer_without_bias_are_refused(key):
     value = {"bias_constraint": "non_neg", "bias_initializer": "ones"}.get(key, 0.1)
@@ -313,10 +453,11 @@ def test_bias_settings_on_a_layer_without_bias_are_refused(key):
     assert f"model.layers[0]: {key} set, but use_bias is false: the layer has no bias" in str(err.value)
 
 
-def test_keras_regularizer_keys_lead_to_ours():
+@pytest.mark.parametrize("keras, ours", [("bias_regularizer", "bias_l2"), ("activity_regularizer", "activity_l2")])
+def test_keras_regularizer_keys_lead_to_ours(keras, ours):
     with pytest.raises(config.ConfigError) as err:
-        build([{"type": "dense", "units": "auto", "bias_regularizer": 0.1}])
-    assert "bias_regularizer: unknown key (did you mean 'bias_l2'?" in str(err.value)
+        build([{"type": "dense", "units": "auto", keras: 0.1}])
+    assert f"{keras}: unknown key (did you mean '{ours}'?" in str(err.value)
 
 
 # ---------------------------------------------------------------------- summary

@@ -217,6 +217,38 @@ def test_logged_loss_includes_the_kernel_penalty_as_keras_does():
     assert record["val_loss"] == pytest.approx(float(data_loss + penalty), rel=1e-5)
 
 
+def test_activity_penalty_is_trained_and_logged_per_row_as_keras_does():
+    data = iris_split()
+    n = len(data.targets["target"])
+    layers = [{"type": "dense", "units": 8, "activation": "relu", "activity_l1": 0.2, "activity_l2": 0.1},
+              {"type": "dense", "units": "auto", "activation": "auto"}]
+    cfg = config.parse({"model": {"layers": layers},
+                        "train": {"progress": "quiet", "epochs": 1, "batch_size": n, "shuffle": False,
+                                  "optimizer": {"name": "sgd", "lr": 0.5}}})
+    model = build_model(cfg.model, cfg.train, IRIS, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # The objective by hand: mean cross-entropy plus Keras' activity penalty, divided by the batch size.
+    w1, b1 = before["layers.dense_1.weight"].requires_grad_(), before["layers.dense_1.bias"].requires_grad_()
+    w2, b2 = before["layers.dense_2.weight"].requires_grad_(), before["layers.dense_2.bias"].requires_grad_()
+    h = torch.relu(data.inputs["features"] @ w1.T + b1)
+    data_loss = torch.nn.functional.cross_entropy(h @ w2.T + b2, data.targets["target"])
+    activity = (0.2 * h.abs().sum() + 0.1 * (h ** 2).sum()) / n
+    grads = torch.autograd.grad(data_loss + activity, (w1, b1, w2, b2))
+    history = Trainer(model, cfg.train, seed=0).fit(data, data)
+    assert history.records[0]["loss"] == pytest.approx(float((data_loss + activity).detach()), rel=1e-5)
+    assert activity > 0.1 * data_loss                                  # big enough to tell apart
+    L = model.layers
+    for p, start, g in zip((L["dense_1"].weight, L["dense_1"].bias, L["dense_2"].weight, L["dense_2"].bias),
+                           (w1, b1, w2, b2), grads, strict=True):
+        torch.testing.assert_close(p.detach(), start.detach() - 0.5 * g, rtol=1e-5, atol=1e-6)
+    # val_loss carries it too, taken on the validation rows with the trained weights.
+    with torch.no_grad():
+        h = torch.relu(L["dense_1"](data.inputs["features"]))
+        val = torch.nn.functional.cross_entropy(L["dense_2"](h), data.targets["target"])
+        val_activity = (0.2 * h.abs().sum() + 0.1 * (h ** 2).sum()) / n
+    assert history.records[0]["val_loss"] == pytest.approx(float(val + val_activity), rel=1e-5)
+
+
 def test_gradient_norms_are_logged_before_clipping():
     data = iris_split()
     layers = [{"type": "dense", "units": 8, "activation": "tanh"},

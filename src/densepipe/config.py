@@ -326,6 +326,8 @@ class DenseLayer(_Layer):
     l2: float = Field(0.0, ge=0)                 # kernel L2 penalty
     bias_l1: float = Field(0.0, ge=0)            # bias penalties (Keras' bias_regularizer)
     bias_l2: float = Field(0.0, ge=0)
+    activity_l1: float = Field(0.0, ge=0)        # output penalties (Keras' activity_regularizer)
+    activity_l2: float = Field(0.0, ge=0)
     constraint: str | dict[str, Any] | None = None       # kernel constraint after each step (max_norm, ...)
     bias_constraint: str | dict[str, Any] | None = None
 
@@ -360,6 +362,18 @@ class BatchNormLayer(_Layer):
     epsilon: float = Field(1e-3, gt=0)
 
 
+class LayerNormLayer(_Layer):
+    type: Literal["layernorm"] = "layernorm"
+    epsilon: float = Field(1e-3, gt=0)           # Keras' default (torch's nn.LayerNorm takes 1e-5)
+    center: bool = True                          # a learned offset (beta)
+    scale: bool = True                           # a learned gain (gamma)
+    beta_initializer: str | dict[str, Any] = "zeros"
+    gamma_initializer: str | dict[str, Any] = "ones"
+
+    _beta_init = field_validator("beta_initializer")(_initializer(rank=1, role="layernorm beta"))
+    _gamma_init = field_validator("gamma_initializer")(_initializer(rank=1, role="layernorm gamma"))
+
+
 class ActivationLayer(_Layer):
     type: Literal["activation"] = "activation"
     activation: str
@@ -381,17 +395,24 @@ class PReLULayer(_Layer):
     _alpha_init = field_validator("alpha_initializer")(_initializer(rank=1, role="prelu alpha"))
 
 
+class ActivityRegularizationLayer(_Layer):
+    type: Literal["activity_regularization"] = "activity_regularization"
+    l1: float = Field(0.0, ge=0)                 # penalties on the input, passed on unchanged
+    l2: float = Field(0.0, ge=0)
+
+
 class ConcatenateLayer(_Layer):
     type: Literal["concatenate"] = "concatenate"
 
 
-class AddLayer(_Layer):
-    type: Literal["add"] = "add"
+class MergeLayer(_Layer):
+    """Element-wise merges of inputs of one width (Keras' Add, Subtract, Multiply, ...)."""
+    type: Literal["add", "subtract", "multiply", "average", "maximum", "minimum"]
 
 
 LayerConfig = Annotated[
-    DenseLayer | DropoutLayer | BatchNormLayer | ActivationLayer | PReLULayer | GaussianNoiseLayer | ConcatenateLayer
-    | AddLayer,
+    DenseLayer | DropoutLayer | BatchNormLayer | LayerNormLayer | ActivationLayer | PReLULayer | GaussianNoiseLayer
+    | ActivityRegularizationLayer | ConcatenateLayer | MergeLayer,
     Field(discriminator="type"),
 ]
 
@@ -603,15 +624,15 @@ class Config(Section):
 
 
 # ------------------------------------------------------------------------ loading / errors
-_LAYER_TYPES = [DenseLayer, DropoutLayer, BatchNormLayer, ActivationLayer, PReLULayer, GaussianNoiseLayer,
-                ConcatenateLayer, AddLayer]
-_LAYER_BY_TAG = {m.model_fields["type"].default: m for m in _LAYER_TYPES}
+_LAYER_TYPES = typing.get_args(typing.get_args(LayerConfig)[0])
+_LAYER_BY_TAG = {tag: m for m in _LAYER_TYPES for tag in typing.get_args(m.model_fields["type"].annotation)}
 
 
 # Keras / torch spellings of our keys, so "did you mean" leads from them to ours.
 _KEY_SYNONYMS = {"kernel_initializer": "initializer", "kernel_constraint": "constraint", "learning_rate": "lr",
                  "epoch": "epochs", "activation_function": "activation", "kernel_regularizer": "l2",
-                 "bias_regularizer": "bias_l2"}
+                 "bias_regularizer": "bias_l2",
+                 "activity_regularizer": "activity_l2"}
 
 
 def _model_in(annotation) -> Any:

@@ -65,6 +65,8 @@ def build_dense(cfg, widths: list[int], ctx: BuildContext):
         initialize(layer.bias, cfg.bias_initializer, ctx.generator)
     # (l1, l2) per parameter, summed by DenseModel.penalty().
     layer.penalties = {"weight": (cfg.l1, cfg.l2), "bias": (cfg.bias_l1, cfg.bias_l2)}
+    # (l1, l2) on the layer's output, summed over the rows by DenseModel.forward().
+    layer.activity = (cfg.activity_l1, cfg.activity_l2)
     # Applied by DenseModel.apply_constraints() after each optimizer step.
     layer.constraints = {"weight": cfg.constraint, "bias": cfg.bias_constraint}
     return layer, units
@@ -148,6 +150,35 @@ def build_batchnorm(cfg, widths, ctx):
     return BatchNorm(w, eps=cfg.epsilon, momentum=1.0 - cfg.momentum), w
 
 
+class LayerNorm(nn.Module):
+    """Keras' LayerNormalization over the features of each row: (x - mean) / sqrt(var + eps),
+    the variance biased, times a learned gain `weight` (gamma) plus a learned offset `bias`
+    (beta); either can be left out (scale / center false), which nn.LayerNorm cannot do."""
+
+    def __init__(self, width: int, eps: float, scale: bool, center: bool):
+        super().__init__()
+        self.width, self.eps = width, eps
+        self.weight = nn.Parameter(torch.empty(width)) if scale else None  # (width,)
+        self.bias = nn.Parameter(torch.empty(width)) if center else None   # (width,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.width,), self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.width}, eps={self.eps}, scale={self.weight is not None}, center={self.bias is not None}"
+
+
+@LAYERS.register("layernorm", "layer_normalization")
+def build_layernorm(cfg, widths, ctx):
+    w = _single(widths, "layernorm")
+    layer = LayerNorm(w, cfg.epsilon, cfg.scale, cfg.center)
+    if layer.weight is not None:
+        initialize(layer.weight, cfg.gamma_initializer, ctx.generator)
+    if layer.bias is not None:
+        initialize(layer.bias, cfg.beta_initializer, ctx.generator)
+    return layer, w
+
+
 class GaussianNoise(nn.Module):
     """Adds N(0, stddev^2) noise while training; the identity at inference."""
 
@@ -164,17 +195,29 @@ def build_noise(cfg, widths, ctx):
     return GaussianNoise(cfg.stddev), _single(widths, "gaussian_noise")
 
 
+class ActivityRegularization(nn.Module):
+    """Keras' ActivityRegularization: passes its input on unchanged; DenseModel.forward()
+    adds l1 * sum|x| + l2 * sum x^2 of it to the loss."""
+
+    def __init__(self, l1: float, l2: float):
+        super().__init__()
+        self.activity = (l1, l2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"l1={self.activity[0]}, l2={self.activity[1]}"
+
+
+@LAYERS.register("activity_regularization")
+def build_activity_regularization(cfg, widths, ctx):
+    return ActivityRegularization(cfg.l1, cfg.l2), _single(widths, "activity_regularization")
+
+
 class Concatenate(nn.Module):
     def forward(self, *xs: Tensor) -> Tensor:
         return torch.cat(xs, dim=-1)
-
-
-class Add(nn.Module):
-    def forward(self, *xs: Tensor) -> Tensor:
-        out = xs[0]
-        for x in xs[1:]:
-            out = out + x
-        return out
 
 
 @LAYERS.register("concatenate", "concat")
@@ -182,8 +225,48 @@ def build_concatenate(cfg, widths, ctx):
     return Concatenate(), sum(widths)
 
 
-@LAYERS.register("add")
-def build_add(cfg, widths, ctx):
+@dataclass(frozen=True)
+class MergeRule:
+    fold: Callable[[Tensor, Tensor], Tensor]   # combines the running result with the next input
+    inputs: int | None = None                  # exactly this many inputs; None: one or more
+    mean: bool = False                         # divide the fold by the number of inputs
+
+
+# Element-wise merges, as Keras' merge layers of the same names.
+MERGES = {
+    "add": MergeRule(torch.add),
+    "subtract": MergeRule(torch.sub, inputs=2),   # the first input minus the second
+    "multiply": MergeRule(torch.mul),
+    "average": MergeRule(torch.add, mean=True),
+    "maximum": MergeRule(torch.maximum),
+    "minimum": MergeRule(torch.minimum),
+}
+
+
+class Merge(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.rule = kind, MERGES[kind]
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = self.rule.fold(out, x)
+        return out / len(xs) if self.rule.mean else out
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+def build_merge(cfg, widths, ctx):
+    rule = MERGES[cfg.type]
+    what = f"{'an' if cfg.type[0] in 'aeiou' else 'a'} {cfg.type} layer"
+    if rule.inputs is not None and len(widths) != rule.inputs:
+        raise ValueError(f"{what} takes exactly {rule.inputs} inputs, got {len(widths)}")
     if len(set(widths)) != 1:
-        raise ValueError(f"an add layer needs inputs of one width, got {widths}")
-    return Add(), widths[0]
+        raise ValueError(f"{what} needs inputs of one width, got {widths}")
+    return Merge(cfg.type), widths[0]
+
+
+for _kind in MERGES:
+    LAYERS.add(_kind, build_merge, ())

@@ -72,7 +72,12 @@ class DenseModel(nn.Module):
         self.nodes, self.heads, self.input_widths = nodes, heads, input_widths
         self.layers = nn.ModuleDict(modules)
         self._outputs = {h.node for h in heads.values()}
-        self._runs = _runs(nodes, modules, self._outputs)
+        # (l1, l2) per node whose output is penalized (Keras' activity_regularizer): its output
+        # is needed on its own, so it ends its run as an output does.
+        self._activity = {name: m.activity for name, m in modules.items() if any(getattr(m, "activity", ()))}
+        self._head_of = {h.node: h for h in heads.values()}
+        self._runs = _runs(nodes, modules, self._outputs | set(self._activity))
+        self.activity: Tensor | None = None  # the latest forward's activity penalties, summed over rows
         # Outputs with a split-off head that other layers read: those readers need the head applied.
         read = {i for node in nodes for i in node.inputs}
         self._activated = {h.node: h for h in heads.values() if h.node in read and h.activation != "linear"}
@@ -87,6 +92,7 @@ class DenseModel(nn.Module):
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw outputs (before head activations), keyed by output name."""
         env, raw = dict(inputs), {}
+        self.activity = None
         for run in self._runs:
             layers = [self.layers[node.name] for node in run]
             if len(run) > 1 and all(isinstance(m, FusedDense) and m.chainable() for m in layers):
@@ -96,10 +102,20 @@ class DenseModel(nn.Module):
                     env[node.name] = layer(*(env[i] for i in node.inputs))
             # An output ends its run (see _runs), so only a run's last node can need its head.
             last = run[-1].name
+            if last in self._activity:
+                self._add_activity(last, env[last])
             if last in self._activated:
                 raw[last] = env[last]
                 env[last] = self._activated[last].apply(env[last])
         return {name: raw.get(h.node, env[h.node]) for name, h in self.heads.items()}
+
+    def _add_activity(self, name: str, out: Tensor) -> None:
+        """Adds l1 * sum|y| + l2 * sum y^2 of a node's output y to self.activity. Summed over the
+        rows, as the losses are: per row it is Keras' penalty divided by the batch size. An
+        output's penalty is taken after its head's activation, on what Keras' layer returns."""
+        head = self._head_of.get(name)
+        y = head.apply(out) if head is not None else out
+        self.activity = _plus(self.activity, l1_l2(y, *self._activity[name]))
 
     @torch.no_grad()
     def predict(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -117,11 +133,7 @@ class DenseModel(nn.Module):
         """Sum of the dense layers' L1/L2 penalties on kernels and biases (None when there are none)."""
         total = None
         for module, attr, l1, l2 in self._penalties:
-            w = getattr(module, attr)
-            for rate, term in ((l1, w.abs), (l2, w.square)):
-                if rate:
-                    part = rate * term().sum()
-                    total = part if total is None else total + part
+            total = _plus(total, l1_l2(getattr(module, attr), l1, l2))
         return total
 
     @property
@@ -147,6 +159,21 @@ class DenseModel(nn.Module):
             rows.append({"layer": node.name, "type": node.kind, "inputs": ", ".join(node.inputs),
                          "output_shape": f"(None, {node.width})", "params": params})
         return rows
+
+
+def l1_l2(t: Tensor, l1: float, l2: float) -> Tensor | None:
+    """l1 * sum|t| + l2 * sum t^2 (Keras' L1L2 regularizer), without the terms whose rate is 0;
+    None when both are."""
+    total = None
+    for rate, term in ((l1, t.abs), (l2, t.square)):
+        if rate:
+            total = _plus(total, rate * term().sum())
+    return total
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b, where None stands for nothing to add."""
+    return b if a is None else a if b is None else a + b
 
 
 def _runs(nodes: list[Node], modules: dict[str, nn.Module], outputs: set[str]) -> list[list[Node]]:

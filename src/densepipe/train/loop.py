@@ -164,7 +164,9 @@ class Trainer:
     # ------------------------------------------------------------------- losses
     def _loss_sums(self, raw: dict[str, Tensor], targets: dict[str, Tensor],
                    weighted: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """Sums over the rows (total and per output): they add up over steps and ranks.
+        """Sums over the rows (total and per output): they add up over steps and ranks. The total
+        also holds the activity penalties of the forward pass that made `raw` (the model's
+        latest), as Keras' loss holds its layers' added losses.
         weighted: with the class weights, which (as Keras') shape training only."""
         parts, total = [], None
         for name, head in self.model.heads.items():
@@ -176,6 +178,8 @@ class Trainer:
             parts.append(part)
             weighted = part if head.weight == 1.0 else head.weight * part
             total = weighted if total is None else total + weighted
+        if self.model.activity is not None:
+            total = total + self.model.activity
         return total, parts
 
     def _metric_stats(self, raw, targets) -> list[Tensor]:
