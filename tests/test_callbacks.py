@@ -172,6 +172,21 @@ def keras_scheduler_example(hold: int):
     return factor
 
 
+def keras_cosine_restarts(epoch: int, first: int, t_mul: float, m_mul: float, alpha: float) -> float:
+    """Keras' CosineDecayRestarts (keras/src/optimizers/schedules), written out: the factor on the
+    initial lr after `epoch` steps of one epoch each."""
+    completed = epoch / first
+    if t_mul == 1.0:
+        i_restart = math.floor(completed)
+        completed -= i_restart
+    else:
+        i_restart = math.floor(math.log(1.0 - completed * (1.0 - t_mul)) / math.log(t_mul))
+        sum_r = (1.0 - t_mul ** i_restart) / (1.0 - t_mul)
+        completed = (completed - sum_r) / t_mul ** i_restart
+    cosine = 0.5 * m_mul ** i_restart * (1.0 + math.cos(math.pi * completed))
+    return (1 - alpha) * cosine + alpha
+
+
 SCHEDULES = [
     ({"type": "step_decay", "step_size": 3, "gamma": 0.5}, lambda e: 0.5 ** (e // 3),
      lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
@@ -189,6 +204,28 @@ SCHEDULES = [
      lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=0.1 * BASE_LR)),
     ({"type": "warmup", "warmup_epochs": 4, "start_factor": 0.25}, lambda e: 0.25 + 0.75 * min(e, 4) / 4,
      lambda o: lr_scheduler.LinearLR(o, start_factor=0.25, end_factor=1.0, total_iters=4)),
+    ({"type": "cosine_restarts", "first_epochs": 2, "t_mul": 2},
+     lambda e: keras_cosine_restarts(e, first=2, t_mul=2.0, m_mul=1.0, alpha=0.0),
+     lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=2)),
+    ({"type": "cosine_restarts", "first_epochs": 3, "t_mul": 1, "min_factor": 0.2},
+     lambda e: keras_cosine_restarts(e, first=3, t_mul=1.0, m_mul=1.0, alpha=0.2),
+     lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3, eta_min=0.2 * BASE_LR)),
+    ({"type": "polynomial_decay", "decay_epochs": 8, "power": 2.0},
+     lambda e: (1 - min(e, 8) / 8) ** 2,
+     lambda o: lr_scheduler.PolynomialLR(o, total_iters=8, power=2.0)),
+    ({"type": "inverse_time_decay", "decay_rate": 0.5, "decay_epochs": 2},
+     lambda e: 1 / (1 + 0.5 * e / 2),
+     lambda o: lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + 0.5 * e / 2))),
+    ({"type": "cosine_restarts", "first_epochs": 2, "t_mul": 1.5, "m_mul": 0.5, "min_factor": 0.1},
+     lambda e: keras_cosine_restarts(e, first=2, t_mul=1.5, m_mul=0.5, alpha=0.1),
+     lambda o: lr_scheduler.LambdaLR(o, lambda e: keras_cosine_restarts(e, 2, 1.5, 0.5, 0.1))),
+    ({"type": "inverse_time_decay", "decay_rate": 2.0, "decay_epochs": 3, "staircase": True},
+     lambda e: 1 / (1 + 2.0 * (e // 3)),
+     lambda o: lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + 2.0 * (e // 3)))),
+    # values halving at each boundary: torch's MultiStepLR is the same schedule.
+    ({"type": "piecewise_constant", "boundaries": [3, 7], "values": [BASE_LR, BASE_LR / 2, BASE_LR / 4]},
+     lambda e: 1.0 if e < 3 else 0.5 if e < 7 else 0.25,
+     lambda o: lr_scheduler.MultiStepLR(o, milestones=[3, 7], gamma=0.5)),
 ]
 
 

@@ -90,6 +90,12 @@ def with_model(layers=None, **sections):
     (with_model(train={"callbacks": [{"type": "multistep", "milestones": [5, 3]}]}),
      r"train\.callbacks\[0\]: callback multistep: milestones: milestones must be increasing epochs of at "
      r"least 1 \(got \[5, 3\]\)$"),
+    (with_model(train={"callbacks": [{"type": "piecewise_constant", "boundaries": [3], "values": [0.1, 0.2, 0.3]}]}),
+     r"train\.callbacks\[0\]: callback piecewise_constant: values needs one entry more than boundaries \(2\), "
+     r"got 3$"),
+    (with_model(train={"callbacks": [{"type": "cosine_restarts", "t_mul": 0.5}]}),
+     r"train\.callbacks\[0\]: callback cosine_restarts: t_mul: Input should be greater than or equal to 1 "
+     r"\(got 0\.5\)$"),
     # wiring that needs no data
     ({"model": {"layers": [{"type": "dense", "units": "auto"}, *OUT]}},
      r"model\.layers\[0\] \(dense_1\): units: auto is only allowed on a model output \(dense_2\)"),

@@ -14,7 +14,7 @@ import bisect
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from densepipe.config import error_message
 from densepipe.metrics import metric_mode
@@ -236,6 +236,99 @@ class CosineDecay(_Schedule):
         return {}
 
 
+@register("cosine_restarts", "cosine_decay_restarts", "cosine_annealing_warm_restarts", "sgdr")
+class CosineRestarts(_Schedule):
+    """Keras' CosineDecayRestarts, by epoch (torch's CosineAnnealingWarmRestarts where m_mul is 1):
+    half-cosines from the base lr down to min_factor of it, the i-th lasting first_epochs * t_mul^i
+    epochs, its height above the floor m_mul^i times the first's."""
+
+    class Args(Args):
+        first_epochs: int = Field(10, ge=1)        # length of the first period (torch's T_0)
+        t_mul: float = Field(2.0, ge=1)            # each period this many times the one before
+        m_mul: float = Field(1.0, gt=0, le=1)      # each restart's peak, relative to the one before
+        min_factor: float = Field(0.0, ge=0, le=1)  # floor, as a fraction of the base lr (Keras' alpha)
+
+    def lr_factor(self, epoch):
+        a = self.args
+        start, length, restart = 0.0, float(a.first_epochs), 0
+        while epoch >= start + length:  # find the period that holds this epoch
+            start, length, restart = start + length, length * a.t_mul, restart + 1
+        cosine = a.m_mul ** restart * 0.5 * (1 + math.cos(math.pi * (epoch - start) / length))
+        return (1 - a.min_factor) * cosine + a.min_factor  # the floor is not scaled down: Keras
+
+
+@register("polynomial_decay", "polynomial", "polynomial_lr")
+class PolynomialDecay(_Schedule):
+    """Keras' PolynomialDecay by epoch, as a factor: (1 - end) * (1 - t / decay_epochs)^power + end;
+    with end_factor 0, torch's PolynomialLR."""
+
+    class Args(Args):
+        decay_epochs: int | None = Field(None, ge=1)  # epochs to reach the end (default: all epochs)
+        power: float = Field(1.0, gt=0)              # 1: linear
+        end_factor: float = Field(0.0, ge=0, le=1)   # the final lr, as a fraction of the base
+
+    def on_train_begin(self, trainer):
+        self.decay_epochs = self.args.decay_epochs or trainer.epochs
+
+    def lr_factor(self, epoch):
+        end = self.args.end_factor
+        return (1 - end) * (1 - min(epoch, self.decay_epochs) / self.decay_epochs) ** self.args.power + end
+
+
+@register("inverse_time_decay", "inverse_time")
+class InverseTimeDecay(_Schedule):
+    """Keras' InverseTimeDecay by epoch: 1 / (1 + decay_rate * t / decay_epochs), t floored to whole
+    periods under staircase."""
+
+    class Args(Args):
+        decay_rate: float = Field(0.5, gt=0)
+        decay_epochs: int = Field(1, ge=1)
+        staircase: bool = False
+
+    def lr_factor(self, epoch):
+        t = epoch / self.args.decay_epochs
+        return 1 / (1 + self.args.decay_rate * (math.floor(t) if self.args.staircase else t))
+
+
+@register("piecewise_constant", "piecewise_constant_decay")
+class PiecewiseConstant(_Schedule):
+    """Keras' PiecewiseConstantDecay by epoch: the lr is values[i] from epoch boundaries[i - 1]
+    (0-based, as multistep's milestones) until the next boundary; values are learning rates."""
+
+    class Args(Args):
+        boundaries: list[int] = Field(min_length=1)   # epochs at which the next value starts
+        values: list[float] = Field(min_length=2)     # one more than boundaries: the lr before, between, after
+
+        @field_validator("values")
+        @classmethod
+        def _positive(cls, v):
+            if any(x < 0 for x in v):
+                raise ValueError("values are learning rates and cannot be negative")
+            return v
+
+        @field_validator("boundaries")
+        @classmethod
+        def _increasing(cls, v):
+            if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+                raise ValueError("boundaries must be increasing epochs of at least 1")
+            return v
+
+        @model_validator(mode="after")
+        def _one_value_more(self):
+            if len(self.values) != len(self.boundaries) + 1:
+                raise ValueError(f"values needs one entry more than boundaries ({len(self.boundaries) + 1}), "
+                                 f"got {len(self.values)}")
+            return self
+
+    def on_train_begin(self, trainer):
+        self.base_lr = trainer.base_lr
+
+    def lr_factor(self, epoch):
+        value = self.args.values[bisect.bisect_right(self.args.boundaries, epoch)]
+        # The schedule's values are learning rates; other schedules still multiply them.
+        return value / self.base_lr if self.base_lr else 0.0
+
+
 @register("warmup", "linear_warmup")
 class LinearWarmup(_Schedule):
     class Args(Args):
@@ -311,8 +404,10 @@ def check_callback_args(name: str, args: dict) -> None:
                 allowed = list(model.model_fields)
                 parts.append(f"unknown argument '{key}'{did_you_mean(key, allowed)}; "
                              f"allowed: {', '.join(allowed) or '(none)'}")
-            else:
+            elif key:
                 parts.append(f"{key}: {error_message(e)} (got {e.get('input')!r})")
+            else:  # a check across arguments: its message names them
+                parts.append(error_message(e))
         raise ValueError(f"callback {name}: " + "; ".join(parts)) from None
 
 
