@@ -37,6 +37,7 @@ RELATIVE_LOSSES = {"mape", "msle", "poisson"}  # relative to the target's own va
 DIRECTION_LOSSES = {"cosine_similarity"}  # each row's direction: a vector of values, not one probability
 CLASS_METRICS = {"accuracy", "precision", "recall", "f1", "auc"}
 VALUE_METRICS = {"mae", "mse", "rmse", "r2", "mape", "msle"}
+RANK_METRICS = {"top_k_accuracy"}  # ranks the class scores: a softmax's only
 # What each head can be trained with: a one-unit binary head also takes the value losses and
 # metrics (its probability against the 0/1 label); a softmax's scores do not line up with one id.
 FITTING_LOSSES = {
@@ -48,8 +49,8 @@ FITTING_LOSSES = {
 }
 FITTING_METRICS = {
     "binary": CLASS_METRICS | VALUE_METRICS,
-    "binary_on_two_units": CLASS_METRICS,
-    "multiclass": CLASS_METRICS,
+    "binary_on_two_units": CLASS_METRICS | RANK_METRICS,
+    "multiclass": CLASS_METRICS | RANK_METRICS,
     "regression": VALUE_METRICS,
     "reconstruction": VALUE_METRICS,
 }
@@ -141,7 +142,7 @@ def test_metric_task_mismatches_name_the_metric_and_the_task():
                                          r"\(1 unit\); metrics for it: mae, mse, rmse, r2, mape, msle$"):
         build("regression", metrics=["acc"])
     with pytest.raises(ValueError, match=r"metric 'mae' .* multiclass \(10 units\); "
-                                         r"metrics for it: accuracy, precision, recall, f1, auc$"):
+                                         r"metrics for it: accuracy, precision, recall, f1, auc, top_k_accuracy$"):
         build("multiclass", metrics=["mae"])
 
 

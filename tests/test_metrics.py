@@ -50,6 +50,26 @@ def test_multiclass_accuracy():
     assert accumulate("acc", prob, y) == pytest.approx(skm.accuracy_score(y, prob.argmax(1)), abs=1e-12)
 
 
+@pytest.mark.parametrize("classes", [3, 5, 12])
+def test_top_k_accuracy_is_scikit_learns_with_keras_k(classes):
+    prob = torch.softmax(torch.randn(N, classes, generator=GEN), dim=1)
+    y = torch.randint(0, classes, (N,), generator=GEN)
+    expected = skm.top_k_accuracy_score(y, prob, k=5, labels=range(classes)) if classes > 5 else 1.0
+    assert accumulate("sparse_top_k_categorical_accuracy", prob, y) == pytest.approx(expected, abs=1e-12)
+    if classes > 5:
+        assert expected < 1.0 and expected > skm.accuracy_score(y, prob.argmax(1))   # k = 5, not 1 or all
+
+
+def test_top_k_accuracy_counts_a_tie_at_the_boundary_in():
+    prob = torch.tensor([[0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.0]])   # class 6 ties with four others
+    assert accumulate_once("top_k_accuracy", prob, torch.tensor([6])) == 1.0
+    assert accumulate_once("top_k_accuracy", prob, torch.tensor([7])) == 0.0
+
+
+def accumulate_once(name, pred, target):
+    return METRICS[name].finish(METRICS[name].stats(pred, target)).item()
+
+
 @pytest.mark.parametrize("width", [1, 3])
 @pytest.mark.parametrize("name,reference", [
     ("mae", skm.mean_absolute_error), ("mse", skm.mean_squared_error),

@@ -148,6 +148,21 @@ def _auc_finish(s):
 METRICS.add("auc", Metric(_auc_stats, _auc_finish, "max", CLASS_TASKS), ("roc_auc",))
 
 
+TOP_K = 5  # Keras' default k for its top-k accuracies
+
+
+def _top_k_stats(pred, target):
+    """A row counts when its class is among the k highest scores. Fewer than k scores rank above
+    the true class's: ties at the boundary count as in, as tf.math.in_top_k (Keras) has it."""
+    t = target.reshape(-1, 1).long()
+    above = (pred > pred.gather(1, t)).sum(1)                     # (N,) scores beating the true class
+    return torch.stack([(above < TOP_K).sum().double(), _count(t)])
+
+
+METRICS.add("top_k_accuracy", Metric(_top_k_stats, _ratio, "max", ("multiclass",)),
+            ("top_k_categorical_accuracy", "sparse_top_k_categorical_accuracy"))
+
+
 def _per_row_stats(loss: str) -> Callable[[Tensor, Tensor], Tensor]:
     """A value loss as a metric: its per-row values summed, and the rows. `pred` is already the
     head's output, which the loss then reads as is (a linear head)."""
