@@ -99,7 +99,7 @@ def error(raw) -> str:
     ({"model": {"layers": [{"units": 10}]}},
      r"model\.layers\[0\]: a layer needs a 'type'; allowed: dense, dropout, batchnorm, layernorm, activation, "
      r"prelu, gaussian_noise, activity_regularization, concatenate, add, subtract, multiply, average, maximum, "
-     r"minimum \(got \{units: 10\}\)"),
+     r"minimum, dot \(got \{units: 10\}\)"),
     # class weights
     (train(class_weight="balance"),
      r"train\.class_weight: unknown class_weight \(did you mean 'balanced'\?\); allowed: balanced, or a "

@@ -338,6 +338,28 @@ def test_merge_layers_refuse_inputs_that_do_not_fit(kind, inputs, widths, messag
     assert str(err.value) == f"model.layers[0] (m): {message}"
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dot_is_each_rows_dot_product_or_cosine_similarity(normalize):
+    spec = DataSpec({"a": 4, "b": 4}, {"target": TargetSpec("binary", 1)})
+    model = build([{"type": "dense", "name": "ea", "inputs": ["a"], "units": 3},
+                   {"type": "dense", "name": "eb", "inputs": ["b"], "units": 3},
+                   {"type": "dot", "name": "sim", "inputs": ["ea", "eb"], "normalize": normalize},
+                   {"type": "dense", "name": "out", "units": "auto", "activation": "auto"}],
+                  spec, inputs={"a": {"columns": ["x0"]}, "b": {"columns": "rest"}})
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    a[0] = 0.0                                            # a zero row: 0, not NaN, as Keras gives
+    expected = (F.cosine_similarity(a, b, dim=1) if normalize else (a * b).sum(1)).reshape(6, 1)
+    torch.testing.assert_close(model.layers["sim"](a, b), expected)
+    assert model.summary()[2]["output_shape"] == "(None, 1)"
+    with pytest.raises(ValueError, match=r"model.layers\[2\] \(sim\): a dot layer needs inputs of one width, "
+                                         r"got \[3, 2\]"):
+        build([{"type": "dense", "name": "ea", "inputs": ["a"], "units": 3},
+               {"type": "dense", "name": "eb", "inputs": ["b"], "units": 2},
+               {"type": "dot", "name": "sim", "inputs": ["ea", "eb"]},
+               {"type": "dense", "units": "auto"}], spec, inputs={"a": {"columns": ["x0"]}, "b": {"columns": "rest"}})
+
+
 # ------------------------------------------------------------ layer normalization
 def test_layernorm_is_keras_formula_with_its_defaults():
     model = build([{"type": "dense", "units": 6, "activation": "relu"},

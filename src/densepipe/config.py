@@ -410,9 +410,14 @@ class MergeLayer(_Layer):
     type: Literal["add", "subtract", "multiply", "average", "maximum", "minimum"]
 
 
+class DotLayer(_Layer):
+    type: Literal["dot"] = "dot"
+    normalize: bool = False   # rows scaled to unit length first: the cosine similarity
+
+
 LayerConfig = Annotated[
     DenseLayer | DropoutLayer | BatchNormLayer | LayerNormLayer | ActivationLayer | PReLULayer | GaussianNoiseLayer
-    | ActivityRegularizationLayer | ConcatenateLayer | MergeLayer,
+    | ActivityRegularizationLayer | ConcatenateLayer | MergeLayer | DotLayer,
     Field(discriminator="type"),
 ]
 

@@ -270,3 +270,30 @@ def build_merge(cfg, widths, ctx):
 
 for _kind in MERGES:
     LAYERS.add(_kind, build_merge, ())
+
+
+class Dot(nn.Module):
+    """Keras' Dot(axes=1): each row's dot product of two inputs, (N, 1); with normalize, of the
+    rows scaled to unit length (the cosine similarity), as Keras' l2_normalize scales them."""
+
+    def __init__(self, normalize: bool):
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.normalize:
+            # Keras divides by sqrt(max(sum x^2, 1e-12)): a norm floored at 1e-6.
+            a, b = F.normalize(a, dim=-1, eps=1e-6), F.normalize(b, dim=-1, eps=1e-6)
+        return (a * b).sum(dim=-1, keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}"
+
+
+@LAYERS.register("dot")
+def build_dot(cfg, widths, ctx):
+    if len(widths) != 2:
+        raise ValueError(f"a dot layer takes exactly 2 inputs, got {len(widths)}")
+    if widths[0] != widths[1]:
+        raise ValueError(f"a dot layer needs inputs of one width, got {widths}")
+    return Dot(cfg.normalize), 1
