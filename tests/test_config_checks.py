@@ -97,7 +97,8 @@ def error(raw) -> str:
      r"train\.optimizer\.betas\[0\]: Input should be greater than or equal to 0 \(got -0\.1\)"),
     # a layer without its type
     ({"model": {"layers": [{"units": 10}]}},
-     r"model\.layers\[0\]: a layer needs a 'type'; allowed: dense, dropout, batchnorm, layernorm, activation, "
+     r"model\.layers\[0\]: a layer needs a 'type'; allowed: dense, dropout, alpha_dropout, gaussian_dropout, "
+     r"batchnorm, layernorm, activation, "
      r"prelu, gaussian_noise, activity_regularization, concatenate, add, subtract, multiply, average, maximum, "
      r"minimum, dot \(got \{units: 10\}\)"),
     # class weights

@@ -94,6 +94,38 @@ def test_dropout_scales_kept_units_in_training_and_is_identity_in_eval():
     torch.testing.assert_close(model({"features": x})["target"], x @ ref.weight.T + ref.bias)
 
 
+def test_alpha_dropout_is_keras_formula_and_keeps_selu_statistics():
+    rate = 0.2
+    drop = build([{"type": "alpha_dropout", "rate": rate}, {"type": "dense", "units": "auto"}]
+                 ).layers["alpha_dropout_1"]
+    x = torch.randn(20000, 8, generator=torch.Generator().manual_seed(0))   # a selu network's units: N(0, 1)
+    torch.manual_seed(0)
+    y = drop(x)
+    # Keras' AlphaDropout: dropped units go to alpha', then a * x + b restores mean 0 and variance 1.
+    alpha_p = -1.6732632423543772 * 1.0507009873554805
+    a = ((1 - rate) * (1 + rate * alpha_p ** 2)) ** -0.5
+    b = -a * alpha_p * rate
+    kept = torch.isclose(y, a * x + b)
+    torch.testing.assert_close(y[~kept], torch.full_like(y[~kept], a * alpha_p + b))
+    assert abs((~kept).float().mean().item() - rate) < 0.01
+    assert abs(y.mean().item()) < 0.02 and abs(y.var().item() - 1) < 0.03
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_gaussian_dropout_multiplies_by_keras_noise_in_training_only():
+    rate = 0.3
+    drop = build([{"type": "gaussian_dropout", "rate": rate}, {"type": "dense", "units": "auto"}]
+                 ).layers["gaussian_dropout_1"]
+    x = torch.rand(20000, 8) + 1.0
+    torch.manual_seed(0)
+    noise = drop(x) / x
+    assert abs(noise.mean().item() - 1) < 0.01
+    assert abs(noise.std().item() - (rate / (1 - rate)) ** 0.5) < 0.01
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
 # -------------------------------------------------------------------- batchnorm
 def _batchnorm(momentum=0.99, eps=1e-3, width=8):
     model = build([{"type": "batchnorm", "momentum": momentum, "epsilon": eps},

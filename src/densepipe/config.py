@@ -352,8 +352,8 @@ class DenseLayer(_Layer):
 
 
 class DropoutLayer(_Layer):
-    type: Literal["dropout"] = "dropout"
-    rate: float = Field(ge=0, lt=1)
+    type: Literal["dropout", "alpha_dropout", "gaussian_dropout"] = "dropout"
+    rate: float = Field(ge=0, lt=1)              # the share of units dropped (gaussian: the noise's)
 
 
 class BatchNormLayer(_Layer):

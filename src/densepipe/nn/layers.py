@@ -115,9 +115,34 @@ def build_prelu(cfg, widths, ctx):
     return layer, width
 
 
-@LAYERS.register("dropout")
+class GaussianDropout(nn.Module):
+    """Keras' GaussianDropout: multiplies by N(1, rate / (1 - rate)) noise while training (the
+    variance of dropout's own multiplicative noise); the identity at inference."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        stddev = (self.rate / (1 - self.rate)) ** 0.5
+        return x * (1 + stddev * torch.randn_like(x))
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+# Dropout by kind: torch's AlphaDropout is Keras' (it keeps selu's mean and variance).
+DROPOUTS = {"dropout": nn.Dropout, "alpha_dropout": nn.AlphaDropout, "gaussian_dropout": GaussianDropout}
+
+
 def build_dropout(cfg, widths, ctx):
-    return nn.Dropout(cfg.rate), _single(widths, "dropout")
+    return DROPOUTS[cfg.type](cfg.rate), _single(widths, cfg.type)
+
+
+for _kind in DROPOUTS:
+    LAYERS.add(_kind, build_dropout, ())
 
 
 class BatchNorm(nn.BatchNorm1d):
