@@ -172,6 +172,13 @@ class TerminateOnNaN(Callback):
 
 
 # ------------------------------------------------------------------- lr schedules
+def _increasing_epochs(name: str, epochs: list[int]) -> list[int]:
+    """A schedule's epochs at which something changes: from epoch 1 on, each after the last."""
+    if epochs[0] < 1 or any(b <= a for a, b in zip(epochs, epochs[1:], strict=False)):
+        raise ValueError(f"{name} must be increasing epochs of at least 1")
+    return epochs
+
+
 class _Schedule(Callback, abc.ABC):
     @abc.abstractmethod
     def lr_factor(self, epoch: int) -> float:
@@ -194,12 +201,7 @@ class MultiStep(_Schedule):
         milestones: list[int] = Field(min_length=1)  # epochs (0-based, as torch's MultiStepLR) that decay
         gamma: float = Field(0.1, gt=0)              # factor per milestone passed
 
-        @field_validator("milestones")
-        @classmethod
-        def _increasing(cls, v):
-            if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
-                raise ValueError("milestones must be increasing epochs of at least 1")
-            return v
+        _increasing = field_validator("milestones")(lambda v: _increasing_epochs("milestones", v))
 
     def lr_factor(self, epoch):
         return self.args.gamma ** bisect.bisect_right(self.args.milestones, epoch)
@@ -306,12 +308,7 @@ class PiecewiseConstant(_Schedule):
                 raise ValueError("values are learning rates and cannot be negative")
             return v
 
-        @field_validator("boundaries")
-        @classmethod
-        def _increasing(cls, v):
-            if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
-                raise ValueError("boundaries must be increasing epochs of at least 1")
-            return v
+        _increasing = field_validator("boundaries")(lambda v: _increasing_epochs("boundaries", v))
 
         @model_validator(mode="after")
         def _one_value_more(self):
