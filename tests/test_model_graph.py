@@ -80,6 +80,13 @@ def test_figure_draws_every_box_and_arrow():
         ["a", "b", "da", "db", "c", "trunk", "width", "kind", "width", "kind"])
     assert "trunk\ndense\n(None, 6)" in labels
     assert len(arrows) == 9
+    # Each arrow runs from its source's box to its destination's, anchored to the two labels (so its
+    # head ends at the destination box, at any angle): the pairs are the graph's edges.
+    name = {id(t): t.get_text().split("\n")[0] for t in fig.axes[0].texts if t.get_text()}
+    drawn = sorted((name[id(a.anncoords)], name[id(a.xycoords)]) for a in arrows)
+    boxes, edges = model_graph(model)
+    label = {b.name: b.lines[0] for b in boxes}
+    assert drawn == sorted((label[src], label[dst]) for src, dst in edges)
     assert to_png(fig).startswith(PNG)
     assert to_png(FIGURES["model_graph"]({"model": model})).startswith(PNG)
     assert FIGURES["model_graph"]({}) is None

@@ -63,13 +63,17 @@ def model_graph_figure(model: DenseModel) -> Figure:
         for i, box in enumerate(members):
             # Centred: a row of k boxes spreads over the widest row's width.
             at[box.name] = ((i + 0.5) * width / len(members), -depth)
-    for src, dst in edges:
-        ax.annotate("", xy=at[dst], xytext=at[src],
-                    arrowprops=dict(arrowstyle="-|>", color="#555555", shrinkA=20, shrinkB=20, lw=1))
+    texts = {}
     for box in boxes:
         x, y = at[box.name]
-        ax.text(x, y, "\n".join(box.lines), ha="center", va="center", fontsize=8,
-                bbox=dict(boxstyle="round,pad=0.4", facecolor=COLORS[box.kind], edgecolor="#777777"))
+        texts[box.name] = ax.text(x, y, "\n".join(box.lines), ha="center", va="center", fontsize=8,
+                                  bbox=dict(boxstyle="round,pad=0.4", facecolor=COLORS[box.kind], edgecolor="#777777"))
+    for src, dst in edges:
+        # From the bottom of the source's label to the top of the destination's (fractions of each
+        # label's extent), so every arrowhead ends at its box, whatever the angle; the few points
+        # of shrink clear the box's padding.
+        ax.annotate("", xy=(0.5, 1.0), xycoords=texts[dst], xytext=(0.5, 0.0), textcoords=texts[src],
+                    arrowprops=dict(arrowstyle="-|>", color="#555555", shrinkA=4, shrinkB=4, lw=1))
     ax.set_xlim(0, width)
     ax.set_ylim(-len(rows) + 0.5, 0.5)
     ax.axis("off")
