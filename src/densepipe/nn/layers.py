@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from densepipe.nn.activations import alpha_for, resolve
 from densepipe.nn.dense import FusedDense
 from densepipe.nn.initializers import initialize
+from densepipe.nn.losses import l2_normalize
 from densepipe.registry import Registry
 
 
@@ -283,14 +284,19 @@ class Merge(nn.Module):
         return self.kind
 
 
-def build_merge(cfg, widths, ctx):
-    rule = MERGES[cfg.type]
-    what = f"{'an' if cfg.type[0] in 'aeiou' else 'a'} {cfg.type} layer"
-    if rule.inputs is not None and len(widths) != rule.inputs:
-        raise ValueError(f"{what} takes exactly {rule.inputs} inputs, got {len(widths)}")
+def _merged_width(kind: str, widths: list[int], inputs: int | None) -> int:
+    """The one width of an element-wise merge's inputs; refuses another count than `inputs`
+    (None: any) or inputs of several widths."""
+    what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} layer"
+    if inputs is not None and len(widths) != inputs:
+        raise ValueError(f"{what} takes exactly {inputs} inputs, got {len(widths)}")
     if len(set(widths)) != 1:
         raise ValueError(f"{what} needs inputs of one width, got {widths}")
-    return Merge(cfg.type), widths[0]
+    return widths[0]
+
+
+def build_merge(cfg, widths, ctx):
+    return Merge(cfg.type), _merged_width(cfg.type, widths, MERGES[cfg.type].inputs)
 
 
 for _kind in MERGES:
@@ -307,8 +313,7 @@ class Dot(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if self.normalize:
-            # Keras divides by sqrt(max(sum x^2, 1e-12)): a norm floored at 1e-6.
-            a, b = F.normalize(a, dim=-1, eps=1e-6), F.normalize(b, dim=-1, eps=1e-6)
+            a, b = l2_normalize(a), l2_normalize(b)
         return (a * b).sum(dim=-1, keepdim=True)
 
     def extra_repr(self) -> str:
@@ -317,8 +322,5 @@ class Dot(nn.Module):
 
 @LAYERS.register("dot")
 def build_dot(cfg, widths, ctx):
-    if len(widths) != 2:
-        raise ValueError(f"a dot layer takes exactly 2 inputs, got {len(widths)}")
-    if widths[0] != widths[1]:
-        raise ValueError(f"a dot layer needs inputs of one width, got {widths}")
+    _merged_width("dot", widths, 2)
     return Dot(cfg.normalize), 1

@@ -91,8 +91,9 @@ def poisson(raw, target, head="linear"):
     return (p - t * torch.log(p + _EPS)).mean(dim=1)
 
 
-def _l2_normalize(x: Tensor) -> Tensor:
-    return x * torch.rsqrt((x * x).sum(dim=1, keepdim=True).clamp_min(1e-12))  # Keras' epsilon
+def l2_normalize(x: Tensor) -> Tensor:
+    """Each row scaled to unit length, as Keras' l2_normalize: a zero row stays zero."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True).clamp_min(1e-12))  # Keras' epsilon
 
 
 @LOSSES.register("cosine_similarity", "cosine")
@@ -100,7 +101,7 @@ def cosine_similarity(raw, target, head="linear"):
     # Keras' sign: minus the cosine of each row's prediction and target, so -1 is a perfect match
     # and lower is better, as for every loss.
     p, t = _flat(_probs(raw, head), target)
-    return -(_l2_normalize(p) * _l2_normalize(t)).sum(dim=1)
+    return -(l2_normalize(p) * l2_normalize(t)).sum(dim=1)
 
 
 @LOSSES.register("binary_crossentropy", "bce", "binary_cross_entropy")
