@@ -71,16 +71,15 @@ class DenseModel(nn.Module):
         super().__init__()
         self.nodes, self.heads, self.input_widths = nodes, heads, input_widths
         self.layers = nn.ModuleDict(modules)
-        self._outputs = {h.node for h in heads.values()}
+        self._head_of = {h.node: h for h in heads.values()}  # output node -> its head
         # (l1, l2) per node whose output is penalized (Keras' activity_regularizer): its output
         # is needed on its own, so it ends its run as an output does.
         self._activity = {name: m.activity for name, m in modules.items() if any(getattr(m, "activity", ()))}
-        self._head_of = {h.node: h for h in heads.values()}
-        self._runs = _runs(nodes, modules, self._outputs | set(self._activity))
+        self._runs = _runs(nodes, modules, set(self._head_of) | set(self._activity))
         self.activity: Tensor | None = None  # the latest forward's activity penalties, summed over rows
         # Outputs with a split-off head that other layers read: those readers need the head applied.
         read = {i for node in nodes for i in node.inputs}
-        self._activated = {h.node: h for h in heads.values() if h.node in read and h.activation != "linear"}
+        self._activated = {n: h for n, h in self._head_of.items() if n in read and h.activation != "linear"}
         # (layer, parameter name, l1, l2) per penalized parameter: training asks every step.
         self._penalties = [(m, attr, l1, l2) for m in modules.values()
                            for attr, (l1, l2) in getattr(m, "penalties", {}).items() if l1 or l2]

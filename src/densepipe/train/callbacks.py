@@ -179,6 +179,11 @@ def _increasing_epochs(name: str, epochs: list[int]) -> list[int]:
     return epochs
 
 
+def _cosine_factor(done: float, floor: float, height: float = 1.0) -> float:
+    """A half-cosine from floor + (1 - floor) * height down to floor, `done` (0 to 1) of the way."""
+    return floor + (1 - floor) * height * 0.5 * (1 + math.cos(math.pi * done))
+
+
 class _Schedule(Callback, abc.ABC):
     @abc.abstractmethod
     def lr_factor(self, epoch: int) -> float:
@@ -231,8 +236,7 @@ class CosineDecay(_Schedule):
 
     def lr_factor(self, epoch):
         t = min(max(epoch - self.args.warmup_epochs, 0), self.t_max)
-        lo = self.args.min_factor
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t / self.t_max))
+        return _cosine_factor(t / self.t_max, self.args.min_factor)
 
     def state_dict(self):
         return {}
@@ -255,8 +259,8 @@ class CosineRestarts(_Schedule):
         start, length, restart = 0.0, float(a.first_epochs), 0
         while epoch >= start + length:  # find the period that holds this epoch
             start, length, restart = start + length, length * a.t_mul, restart + 1
-        cosine = a.m_mul ** restart * 0.5 * (1 + math.cos(math.pi * (epoch - start) / length))
-        return (1 - a.min_factor) * cosine + a.min_factor  # the floor is not scaled down: Keras
+        # Each restart's height above the floor is m_mul times the last; the floor stays (Keras').
+        return _cosine_factor((epoch - start) / length, a.min_factor, a.m_mul ** restart)
 
 
 @register("polynomial_decay", "polynomial", "polynomial_lr")
