@@ -195,3 +195,39 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     """y = act(x @ weight^T + bias) as one fused op; weight is (out, in) like nn.Linear."""
     y, _ = _ops.dense_forward(x, weight, bias, activation, float(alpha))
     return y
+
+
+# ----------------------------------------------------------- softmax cross-entropy
+@torch.library.register_fake("densepipe::softmax_cross_entropy")
+def _softmax_cross_entropy_fake(logits, target):
+    torch._check(logits.dim() == 2, lambda: "densepipe softmax_cross_entropy: logits must be 2-D")
+    return logits.new_empty(logits.shape[0]), torch.empty_like(logits)
+
+
+def _softmax_cross_entropy_setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)  # the forward's softmax - onehot: the backward is one multiply
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+
+
+def _softmax_cross_entropy_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:
+        return None, None
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradient has no derivative of its own
+        raise DoubleBackwardError("densepipe softmax_cross_entropy: double backward (create_graph=True "
+                                  "through the loss) is not supported")
+    (grad,) = ctx.saved_tensors
+    return grad * grad_loss.unsqueeze(1), None
+
+
+torch.library.register_autograd(
+    "densepipe::softmax_cross_entropy", _softmax_cross_entropy_backward,
+    setup_context=_softmax_cross_entropy_setup_context,
+)
+
+
+def softmax_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row loss logsumexp(z) - z[target] of logits z (rows, classes) against int64 class ids
+    (rows,), and its gradient softmax(z) - onehot(target) (differentiable through the loss)."""
+    return _ops.softmax_cross_entropy(logits, target)

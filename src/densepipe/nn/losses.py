@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densepipe import ops
 from densepipe.nn.activations import softmax_rows
 from densepipe.registry import Registry
 
@@ -37,9 +38,9 @@ def _probs(raw: Tensor, head: str) -> Tensor:
     return raw
 
 
-def _uses_logits(head: str, from_logits) -> bool:
-    # auto: sigmoid/softmax/linear heads all give logits; only an explicit
-    # from_logits: false reads the head's output as probabilities.
+def uses_logits(from_logits) -> bool:
+    """Whether a classification loss reads the raw output as logits. auto: sigmoid, softmax and
+    linear heads all give logits; only an explicit from_logits: false reads probabilities."""
     return from_logits in (None, "auto", True)
 
 
@@ -108,14 +109,14 @@ def cosine_similarity(raw, target, head="linear"):
 def binary_crossentropy(raw, target, head="sigmoid", from_logits="auto", label_smoothing: float = 0.0):
     z, t = _flat(raw, target)
     t = t * (1 - label_smoothing) + 0.5 * label_smoothing
-    if _uses_logits(head, from_logits):
+    if uses_logits(from_logits):
         return F.binary_cross_entropy_with_logits(z, t, reduction="none").mean(dim=1)
     p = _probs(z, head).clamp(_EPS, 1 - _EPS)
     return F.binary_cross_entropy(p, t, reduction="none").mean(dim=1)
 
 
 def _log_probs(raw: Tensor, head: str, from_logits) -> Tensor:
-    if _uses_logits(head, from_logits):
+    if uses_logits(from_logits):
         return softmax_rows(raw, log=True)
     p = _probs(raw, head)
     return torch.log((p / p.sum(dim=-1, keepdim=True)).clamp_min(_EPS))
@@ -137,7 +138,10 @@ def categorical_crossentropy(raw, target, head="softmax", from_logits="auto", la
 
 @LOSSES.register("sparse_categorical_crossentropy", "scce")
 def sparse_categorical_crossentropy(raw, target, head="softmax", from_logits="auto"):
-    return F.nll_loss(_log_probs(raw, head, from_logits), target.reshape(-1).long(), reduction="none")
+    ids = target.reshape(-1).long()
+    if uses_logits(from_logits) and raw.dim() == 2:
+        return ops.softmax_cross_entropy(raw, ids)[0]  # the fused kernel, as training without autograd uses
+    return F.nll_loss(_log_probs(raw, head, from_logits), ids, reduction="none")
 
 
 def _signed(target: Tensor, dtype) -> Tensor:

@@ -136,6 +136,21 @@ class DenseModel(nn.Module):
         return total
 
     @property
+    def runs(self) -> list[list[Node]]:
+        """The nodes grouped as forward runs them: a run of several is one fused chain."""
+        return self._runs
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any weight carries an L1/L2 penalty."""
+        return bool(self._penalties)
+
+    @property
+    def has_activity(self) -> bool:
+        """Whether any layer's output carries an activity penalty."""
+        return bool(self._activity)
+
+    @property
     def constrained(self) -> bool:
         return bool(self._constraints)
 

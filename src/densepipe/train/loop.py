@@ -27,6 +27,7 @@ from densepipe.nn.losses import LOSSES, weighted_sum
 from densepipe.registry import did_you_mean
 from densepipe.train import distributed
 from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
+from densepipe.train.direct import DirectStep
 from densepipe.train.history import History
 from densepipe.train.optimizers import build_optimizer
 from densepipe.train.progress import make_progress
@@ -100,6 +101,7 @@ class Trainer:
         self.shuffle_gen = torch.Generator(device=self.device).manual_seed(seed)
         torch.manual_seed(seed)  # dropout and noise layers draw from the global generator
         self.dense_names = list(model.dense_layers())
+        self.direct = DirectStep.build(model, self.device, self.dist.world)  # None: autograd's steps
 
     def _seed_global_rng(self, seed: int) -> None:
         # Only the generator the model's dropout / noise layers draw from: torch.manual_seed
@@ -168,19 +170,27 @@ class Trainer:
         also holds the activity penalties of the forward pass that made `raw` (the model's
         latest), as Keras' loss holds its layers' added losses.
         weighted: with the class weights, which (as Keras') shape training only."""
+        per_sample = {name: LOSSES[head.loss](raw[name], targets[head.target], head.activation, **head.loss_params)
+                      for name, head in self.model.heads.items()}
+        return self._totals(per_sample, targets, weighted)
+
+    def _totals(self, per_sample: dict[str, Tensor], targets: dict[str, Tensor],
+                weighted: bool) -> tuple[Tensor, list[Tensor]]:
+        """_loss_sums from each output's per-row losses."""
         parts, total = [], None
         for name, head in self.model.heads.items():
-            target = targets[head.target]
-            per_sample = LOSSES[head.loss](raw[name], target, head.activation, **head.loss_params)
-            table = self.class_weights.get(head.target) if weighted else None
-            weight = table[target.reshape(-1).long()] if table is not None else None
-            part = weighted_sum(per_sample, weight)
+            part = weighted_sum(per_sample[name], self._row_weights(head, targets, weighted))
             parts.append(part)
-            weighted = part if head.weight == 1.0 else head.weight * part
-            total = weighted if total is None else total + weighted
+            weighted_part = part if head.weight == 1.0 else head.weight * part
+            total = weighted_part if total is None else total + weighted_part
         if self.model.activity is not None:
             total = total + self.model.activity
         return total, parts
+
+    def _row_weights(self, head, targets: dict[str, Tensor], weighted: bool = True) -> Tensor | None:
+        """Each row's class weight for the head's loss; None without class weights."""
+        table = self.class_weights.get(head.target) if weighted else None
+        return table[targets[head.target].reshape(-1).long()] if table is not None else None
 
     def _metric_stats(self, raw, targets) -> list[Tensor]:
         out = []
@@ -219,25 +229,39 @@ class Trainer:
         logged: list[Tensor] = []  # per step: (loss sums (total, each output), grad norms)
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
         reused = {b.untyped_storage().data_ptr() for b in batch.values()}
+        zero = dense[0].new_zeros(()) if dense else None  # the gradient norm of a frozen layer
+        direct = self.direct if self.direct is not None and self.direct.usable() else None
         seeds: dict[float, Tensor] = {}  # backward's seed gradient per step scale (two at most: full, last step)
+
+        def seed_of(scale: float, like: Tensor) -> Tensor:
+            if scale not in seeds:
+                seeds[scale] = torch.tensor(scale, dtype=like.dtype, device=like.device)
+            return seeds[scale]
+
         for (lo, hi), rows in zip(shard.bounds, shard.step_rows, strict=True):
             idx = order[lo:hi]
             xb = {k: torch.index_select(v, 0, idx, out=batch[k][:hi - lo]) for k, v in data.inputs.items()}
             yb = {k: v.index_select(0, idx) for k, v in data.targets.items()}
-            raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
-            total, parts = self._loss_sums(raw, yb)
             # DDP averages over ranks, so world / rows makes the gradient the global step's mean.
             scale = self.dist.world / rows
-            penalty = self.model.penalty()
             self.optimizer.zero_grad()
-            # backward returns after DDP's gradient all-reduce.
-            if penalty is None:  # the scale as backward's seed gradient: no multiply node to run
-                total.backward(seeds.setdefault(scale, torch.tensor(scale, dtype=total.dtype, device=total.device)))
+            if direct is not None:  # the same gradients, without autograd (see train/direct.py)
+                raw, per_sample = direct.grads(xb, yb[direct.head.target], seed_of(scale, xb[direct.input]),
+                                               self._row_weights(direct.head, yb))
+                total, parts = self._totals({direct.output: per_sample}, yb, weighted=True)
+                penalty = None
             else:
-                (total * scale + penalty).backward()
+                raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
+                total, parts = self._loss_sums(raw, yb)
+                penalty = self.model.penalty()
+                # backward returns after DDP's gradient all-reduce.
+                if penalty is None:  # the scale as backward's seed gradient: no multiply node to run
+                    total.backward(seed_of(scale, total))
+                else:
+                    (total * scale + penalty).backward()
             # Norms of the gradients as backward made them, before clipping rescales them: they are
             # what shows a user exploding or vanishing gradients.
-            norms = torch._foreach_norm([w.grad for w in dense]) if dense else []
+            norms = torch._foreach_norm([zero if w.grad is None else w.grad for w in dense]) if dense else []
             self._clip()
             self.optimizer.step()
             if constrained:  # as Keras: each update is followed by the weights' constraints

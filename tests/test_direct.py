@@ -1,0 +1,164 @@
+"""Training a one-chain model without autograd's graph (train/direct.py): the same weights and
+history as training through autograd, bit for bit, for every loss and training option it takes;
+and autograd for every model it does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densepipe import config
+from densepipe.nn.model import DataSpec, TargetSpec, build_model
+from densepipe.train.direct import DirectStep
+from densepipe.train.loop import Split, Trainer
+
+WALL_CLOCK = ("epoch_seconds", "samples_per_sec")
+ROWS, FEATURES, CLASSES = 203, 6, 4  # 203: a short last batch at batch size 32
+MLP = [{"type": "dense", "units": 16, "activation": "relu"},
+       {"type": "dense", "units": 8, "activation": "tanh"},
+       {"type": "dense", "units": "auto", "activation": "auto", "name": "out"}]
+
+
+def _data(task: str, width: int) -> tuple[Split, DataSpec]:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(ROWS, FEATURES, generator=gen)
+    if task == "multiclass":
+        y = (x[:, :2].sum(1) * 1.5).round().clamp(-1, 2).long() + 1    # (N,) class ids 0..3
+    elif task == "binary":
+        y = (x[:, 0] > x[:, 1]).long()
+    else:
+        y = x[:, :width] * 2 - x[:, 1:width + 1] + 0.1 * torch.randn(ROWS, width, generator=gen)
+    classes = list(range(width)) if task == "multiclass" else [0, 1] if task == "binary" else None
+    spec = DataSpec({"features": FEATURES}, {"target": TargetSpec(task, width, classes)})
+    return Split({"features": x}, {"target": y}), spec
+
+
+def _fit(layers, task="multiclass", width=CLASSES, *, direct: bool, class_weights=None, freeze=(),
+         outputs=None, **train):
+    data, spec = _data(task, width)
+    model_cfg = {"layers": layers, **({"outputs": outputs} if outputs else {})}
+    cfg = config.parse({"model": model_cfg, "train": {"epochs": 3, "batch_size": 32, "progress": "quiet",
+                                                      "optimizer": {"name": "adam", "lr": 0.01}, **train}})
+    model = build_model(cfg.model, cfg.train, spec, seed=1)
+    for name in freeze:
+        model.get_parameter(name).requires_grad_(False)
+    trainer = Trainer(model, cfg.train, seed=1, class_weights=class_weights)
+    assert trainer.direct is not None, "the model should qualify for training without autograd's graph"
+    if not direct:
+        trainer.direct = None
+    history = trainer.fit(data)
+    records = [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in history.records]
+    return model.state_dict(), records
+
+
+def _assert_same_training(layers, task="multiclass", width=CLASSES, **kw):
+    direct_weights, direct_history = _fit(layers, task, width, direct=True, **kw)
+    graph_weights, graph_history = _fit(layers, task, width, direct=False, **kw)
+    assert direct_weights.keys() == graph_weights.keys()
+    for key, value in graph_weights.items():
+        assert torch.equal(direct_weights[key], value), key
+    assert direct_history == graph_history
+    first, last = direct_history[0]["loss"], direct_history[-1]["loss"]
+    assert last < first  # it trained: equal because both learned the same, not because neither moved
+
+
+CASES = {
+    "softmax classifier": dict(layers=MLP),
+    "class weights": dict(layers=MLP, class_weights={"target": torch.tensor([0.5, 2.0, 1.0, 3.0])}),
+    "loss weight": dict(layers=MLP, outputs={"out": {"weight": 0.25}}),
+    "frozen kernel and bias": dict(layers=MLP, freeze=("layers.dense_1.weight", "layers.out.bias")),
+    "frozen first layer": dict(layers=MLP, freeze=("layers.dense_1.weight", "layers.dense_1.bias")),
+    "no biases, pre-activation kept": dict(layers=[
+        {"type": "dense", "units": 12, "activation": "gelu", "use_bias": False},
+        {"type": "dense", "units": 12, "activation": "leaky_relu", "alpha": 0.1},
+        {"type": "dense", "units": "auto", "activation": "auto", "use_bias": False, "name": "out"}]),
+    "one layer": dict(layers=[{"type": "dense", "units": "auto", "activation": "auto"}]),
+    "sgd, clipping, constraint": dict(
+        layers=[{**MLP[0], "constraint": {"name": "max_norm", "max_value": 1.0}}, MLP[2]],
+        optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}, clip={"norm": 0.5}),
+    "categorical cross-entropy, label smoothing": dict(layers=MLP, outputs={"out": {
+        "loss": {"name": "categorical_crossentropy", "label_smoothing": 0.1}}}),
+    "sparse cross-entropy from probabilities": dict(layers=MLP, outputs={"out": {
+        "loss": {"name": "sparse_categorical_crossentropy", "from_logits": False}}}),
+    "binary cross-entropy": dict(layers=MLP, task="binary", width=1),
+    "binary, class weights": dict(layers=MLP, task="binary", width=1,
+                                  class_weights={"target": torch.tensor([3.0, 0.5])}),
+    "regression, mse": dict(layers=MLP, task="regression", width=2),
+    "regression, huber": dict(layers=MLP, task="regression", width=2,
+                              outputs={"out": {"loss": {"name": "huber", "delta": 0.5}}}),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_same_weights_and_history_as_autograd(case):
+    _assert_same_training(**case)
+
+
+def test_frozen_parameters_are_left_without_gradient():
+    data, spec = _data("multiclass", CLASSES)
+    cfg = config.parse({"model": {"layers": MLP}, "train": {"progress": "quiet"}})
+    model = build_model(cfg.model, cfg.train, spec)
+    step = DirectStep.build(model, torch.device("cpu"), world=1)
+    frozen = model.layers["dense_1"].weight.requires_grad_(False)
+    seed = torch.tensor(1.0 / ROWS)
+    step.grads(data.inputs, data.targets["target"], seed, None)
+    assert frozen.grad is None
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _model(model_cfg, task="multiclass", width=CLASSES, **train):
+    _, spec = _data(task, width)
+    if "inputs" in model_cfg:
+        spec = DataSpec({name: FEATURES for name in model_cfg["inputs"]}, spec.targets)
+    cfg = config.parse({"model": model_cfg, "train": {"progress": "quiet", **train}})
+    return build_model(cfg.model, cfg.train, spec)
+
+
+OUT = MLP[2]
+AUTOGRAD_MODELS = {
+    "dropout": {"layers": [MLP[0], {"type": "dropout", "rate": 0.2}, OUT]},
+    "batchnorm": {"layers": [MLP[0], {"type": "batchnorm"}, OUT]},
+    "kernel penalty": {"layers": [{**MLP[0], "l2": 0.01}, OUT]},
+    "activity penalty": {"layers": [{**MLP[0], "activity_l1": 0.01}, OUT]},
+    "reference kernels": {"layers": MLP, "kernels": "reference"},
+    "standalone activation": {"layers": [MLP[0], {"type": "activation", "activation": "relu"}, OUT]},
+    "two inputs": {"inputs": {"a": {}, "b": {}},
+                   "layers": [{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
+                              {"type": "dense", "units": "auto", "activation": "auto", "name": "out"}],
+                   "outputs": {"out": {}}},
+}
+
+
+@pytest.mark.parametrize("model_cfg", AUTOGRAD_MODELS.values(), ids=AUTOGRAD_MODELS.keys())
+def test_models_outside_one_chain_train_through_autograd(model_cfg):
+    assert DirectStep.build(_model(model_cfg), torch.device("cpu"), world=1) is None
+
+
+def test_two_outputs_train_through_autograd():
+    data, spec = _data("multiclass", CLASSES)
+    spec = DataSpec(spec.inputs, {"target": spec.targets["target"], "size": TargetSpec("regression", 1)})
+    model_cfg = {"layers": [{**MLP[0], "name": "trunk"},
+                            {"type": "dense", "units": "auto", "activation": "auto", "inputs": ["trunk"], "name": "a"},
+                            {"type": "dense", "units": "auto", "inputs": ["trunk"], "name": "b"}],
+                 "outputs": {"a": {"target": "target"}, "b": {"target": "size"}}}
+    cfg = config.parse({"model": model_cfg, "train": {"progress": "quiet"}})
+    assert DirectStep.build(build_model(cfg.model, cfg.train, spec), torch.device("cpu"), world=1) is None
+
+
+@pytest.mark.parametrize(("device", "world"), [("cuda", 1), ("cpu", 2)])
+def test_gpu_and_several_processes_train_through_autograd(device, world):
+    # Decided from the device's type alone: no GPU is needed to ask.
+    assert DirectStep.build(_model({"layers": MLP}), torch.device(device), world=world) is None
+
+
+def test_a_hooked_layer_is_called_through_autograd():
+    data, spec = _data("multiclass", CLASSES)
+    cfg = config.parse({"model": {"layers": MLP}, "train": {"epochs": 1, "batch_size": 64, "progress": "quiet"}})
+    model = build_model(cfg.model, cfg.train, spec)
+    trainer = Trainer(model, cfg.train)
+    assert trainer.direct is not None and trainer.direct.usable()
+    calls = []
+    model.layers["dense_2"].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    assert not trainer.direct.usable()
+    trainer.fit(data)
+    assert len(calls) == -(-ROWS // 64)  # one call per training step: the hook saw every batch
