@@ -4,7 +4,8 @@ scikit-learn's MLPClassifier, side by side in one process on the same data.
 Same architecture everywhere: features -> 256 -> 128 -> classes, relu, batch 128,
 Adam lr 1e-3, the same number of epochs.
   densepipe  Trainer on the fused kernels (tensors on the device, one permutation and
-             one host sync per epoch)
+             one host sync per epoch; on the CPU this one-chain model trains without
+             autograd's graph, see train/direct.py)
   torch      the loop tutorials teach: nn.Sequential(nn.Linear, nn.ReLU, ...),
              DataLoader(TensorDataset, shuffle=True), torch.optim.Adam defaults,
              loss.item() per batch

@@ -24,6 +24,7 @@ from torch import Tensor
 from densepipe.config import ConfigError
 from densepipe.metrics import METRICS
 from densepipe.nn.losses import LOSSES, weighted_sum
+from densepipe.nn.model import Head
 from densepipe.registry import did_you_mean
 from densepipe.train import distributed
 from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
@@ -187,7 +188,7 @@ class Trainer:
             total = total + self.model.activity
         return total, parts
 
-    def _row_weights(self, head, targets: dict[str, Tensor], weighted: bool = True) -> Tensor | None:
+    def _row_weights(self, head: Head, targets: dict[str, Tensor], weighted: bool = True) -> Tensor | None:
         """Each row's class weight for the head's loss; None without class weights."""
         table = self.class_weights.get(head.target) if weighted else None
         return table[targets[head.target].reshape(-1).long()] if table is not None else None
