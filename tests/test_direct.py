@@ -1,18 +1,21 @@
-"""Training a one-chain model without autograd's graph (train/direct.py): the same weights and
-history as training through autograd, bit for bit, for every loss and training option it takes;
-and autograd for every model it does not."""
+"""Training an MLP without autograd's graph (train/direct.py): the same weights and history as
+training through autograd, bit for bit, for every layer, loss and training option it takes; and
+autograd for every model it does not."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from densepipe import config
+from densepipe.nn.layers import DROPOUTS
 from densepipe.nn.model import DataSpec, TargetSpec, build_model
 from densepipe.train.direct import DirectStep
 from densepipe.train.loop import Split, Trainer
 
 WALL_CLOCK = ("epoch_seconds", "samples_per_sec")
+build_dropout_layer = DROPOUTS["dropout"]
 ROWS, FEATURES, CLASSES = 203, 6, 4  # 203: a short last batch at batch size 32
 MLP = [{"type": "dense", "units": 16, "activation": "relu"},
        {"type": "dense", "units": 8, "activation": "tanh"},
@@ -80,6 +83,13 @@ CASES = {
         "loss": {"name": "categorical_crossentropy", "label_smoothing": 0.1}}}),
     "sparse cross-entropy from probabilities": dict(layers=MLP, outputs={"out": {
         "loss": {"name": "sparse_categorical_crossentropy", "from_logits": False}}}),
+    "dropout": dict(layers=[MLP[0], {"type": "dropout", "rate": 0.3}, MLP[1], {"type": "dropout", "rate": 0.1},
+                            MLP[2]]),
+    "gaussian dropout": dict(layers=[MLP[0], {"type": "gaussian_dropout", "rate": 0.2}, MLP[1], MLP[2]]),
+    "dropout of rate 0": dict(layers=[MLP[0], {"type": "dropout", "rate": 0.0}, MLP[2]]),
+    "dropout on the input": dict(layers=[{"type": "dropout", "rate": 0.2}, MLP[0], MLP[2]]),
+    "dropout after a frozen layer": dict(layers=[MLP[0], {"type": "dropout", "rate": 0.3}, MLP[1], MLP[2]],
+                                         freeze=("layers.dense_1.weight", "layers.dense_1.bias")),
     "binary cross-entropy": dict(layers=MLP, task="binary", width=1),
     "binary, class weights": dict(layers=MLP, task="binary", width=1,
                                   class_weights={"target": torch.tensor([3.0, 0.5])}),
@@ -116,7 +126,7 @@ def _model(model_cfg, task="multiclass", width=CLASSES, **train):
 
 OUT = MLP[2]
 AUTOGRAD_MODELS = {
-    "dropout": {"layers": [MLP[0], {"type": "dropout", "rate": 0.2}, OUT]},
+    "alpha dropout": {"layers": [MLP[0], {"type": "alpha_dropout", "rate": 0.2}, OUT]},
     "batchnorm": {"layers": [MLP[0], {"type": "batchnorm"}, OUT]},
     "kernel penalty": {"layers": [{**MLP[0], "l2": 0.01}, OUT]},
     "activity penalty": {"layers": [{**MLP[0], "activity_l1": 0.01}, OUT]},
@@ -130,7 +140,7 @@ AUTOGRAD_MODELS = {
 
 
 @pytest.mark.parametrize("model_cfg", AUTOGRAD_MODELS.values(), ids=AUTOGRAD_MODELS.keys())
-def test_models_outside_one_chain_train_through_autograd(model_cfg):
+def test_other_models_train_through_autograd(model_cfg):
     assert DirectStep.build(_model(model_cfg), torch.device("cpu"), world=1) is None
 
 
@@ -162,3 +172,20 @@ def test_a_hooked_layer_is_called_through_autograd():
     assert not trainer.direct.usable()
     trainer.fit(data)
     assert len(calls) == -(-ROWS // 64)  # one call per training step: the hook saw every batch
+
+
+def test_dropout_draws_and_values_are_torchs_on_the_cpu():
+    x = torch.randn(64, 33, requires_grad=True)
+    ours, theirs = build_dropout_layer(0.3), nn.Dropout(0.3)
+    torch.manual_seed(5)
+    y = ours(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    torch.manual_seed(5)
+    y_ref = theirs(x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert 0 < (y == 0).float().mean() < 0.5  # some units dropped, most kept
+    torch.manual_seed(5)
+    assert torch.equal(x * ours.noise(x), y)  # what training without autograd multiplies by
+    ours.eval()
+    assert ours(x) is x and ours.noise(x) is None

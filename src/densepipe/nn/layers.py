@@ -116,6 +116,25 @@ def build_prelu(cfg, widths, ctx):
     return layer, width
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, with the multiplicative noise it draws exposed as `noise(x)`: training without
+    autograd's graph (train/direct.py) multiplies by the same tensor and backpropagates through it."""
+
+    def noise(self, x: Tensor) -> Tensor | None:
+        """The tensor training multiplies x by (None: the identity). On the CPU these are the ops of
+        torch's own dropout there (a Bernoulli mask scaled by 1 / (1 - p)): the same draws from
+        the generator, the same values."""
+        if not self.training or self.p == 0:
+            return None
+        return torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":  # elsewhere torch fuses mask and product into one kernel
+            return super().forward(x)
+        noise = self.noise(x)
+        return x if noise is None else x * noise
+
+
 class GaussianDropout(nn.Module):
     """Keras' GaussianDropout: multiplies by N(1, rate / (1 - rate)) noise while training (the
     variance of dropout's own multiplicative noise); the identity at inference."""
@@ -124,18 +143,23 @@ class GaussianDropout(nn.Module):
         super().__init__()
         self.rate = rate
 
-    def forward(self, x: Tensor) -> Tensor:
+    def noise(self, x: Tensor) -> Tensor | None:
+        """The tensor training multiplies x by (None: the identity)."""
         if not self.training or self.rate == 0:
-            return x
+            return None
         stddev = (self.rate / (1 - self.rate)) ** 0.5
-        return x * (1 + stddev * torch.randn_like(x))
+        return 1 + stddev * torch.randn_like(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        noise = self.noise(x)
+        return x if noise is None else x * noise
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
 
 
 # Dropout by kind: torch's AlphaDropout is Keras' (it keeps selu's mean and variance).
-DROPOUTS = {"dropout": nn.Dropout, "alpha_dropout": nn.AlphaDropout, "gaussian_dropout": GaussianDropout}
+DROPOUTS = {"dropout": Dropout, "alpha_dropout": nn.AlphaDropout, "gaussian_dropout": GaussianDropout}
 
 
 def build_dropout(cfg, widths, ctx):
