@@ -231,3 +231,15 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tenso
     """Per-row loss logsumexp(z) - z[target] of logits z (rows, classes) against int64 class ids
     (rows,), and its gradient softmax(z) - onehot(target) (differentiable through the loss)."""
     return _ops.softmax_cross_entropy(logits, target)
+
+
+# ------------------------------------------------------------------ dropout noise
+@torch.library.register_fake("densepipe::dropout_noise")
+def _dropout_noise_fake(x, p, generator=None):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def dropout_noise(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """What dropout multiplies x by: 0 with probability p, else 1 / (1 - p), elementwise (CPU).
+    A constant to autograd: x gives only the shape, dtype and device."""
+    return _ops.dropout_noise(x.detach(), float(p), generator)
