@@ -180,8 +180,8 @@ def test_dropout_layer_multiplies_by_its_noise():
     y = layer(x)
     (gx,) = torch.autograd.grad(y.square().sum(), x)
     torch.manual_seed(5)
-    noise = layer.noise(x)  # what training without autograd multiplies by
+    noise = layer.multiplier(x)  # what training without autograd multiplies by
     assert torch.equal(y, x * noise) and torch.equal(gx, 2 * y * noise)
     assert 0 < (y == 0).float().mean() < 0.5  # some units dropped, most kept
     layer.eval()
-    assert layer(x) is x and layer.noise(x) is None
+    assert layer(x) is x and layer.multiplier(x) is None

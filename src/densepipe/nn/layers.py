@@ -118,12 +118,12 @@ def build_prelu(cfg, widths, ctx):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, with the multiplicative noise it draws exposed as `noise(x)` (training without
+    """nn.Dropout, with the multiplicative noise it draws exposed as `multiplier(x)` (training without
     autograd's graph, train/direct.py, multiplies by the same tensor). On the CPU the noise comes
     from the dropout_noise kernel, several times faster than torch's Bernoulli draws there; on
     other devices this is torch's dropout, whose kernel fuses mask and product."""
 
-    def noise(self, x: Tensor) -> Tensor | None:
+    def multiplier(self, x: Tensor) -> Tensor | None:
         """The tensor training multiplies x by (None: the identity), on the CPU."""
         if not self.training or self.p == 0:
             return None
@@ -132,7 +132,7 @@ class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
-        noise = self.noise(x)
+        noise = self.multiplier(x)
         return x if noise is None else x * noise
 
 
@@ -144,7 +144,7 @@ class GaussianDropout(nn.Module):
         super().__init__()
         self.rate = rate
 
-    def noise(self, x: Tensor) -> Tensor | None:
+    def multiplier(self, x: Tensor) -> Tensor | None:
         """The tensor training multiplies x by (None: the identity)."""
         if not self.training or self.rate == 0:
             return None
@@ -152,7 +152,7 @@ class GaussianDropout(nn.Module):
         return 1 + stddev * torch.randn_like(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        noise = self.noise(x)
+        noise = self.multiplier(x)
         return x if noise is None else x * noise
 
     def extra_repr(self) -> str:

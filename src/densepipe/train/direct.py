@@ -60,7 +60,7 @@ class _Chain:
 
 @dataclass
 class _Noise:
-    """A layer that multiplies its input by noise it draws (dropout): `noise(x)`, None for none."""
+    """A layer that multiplies its input by noise it draws (dropout): `multiplier(x)`, None for none."""
     layer: nn.Module
     trainable = False
 
@@ -91,7 +91,7 @@ class DirectStep:
             layers = [model.layers[node.name] for node in run]
             if all(isinstance(m, FusedDense) and m.chains for m in layers):
                 segments.append(_Chain.of(layers))
-            elif len(layers) == 1 and callable(getattr(layers[0], "noise", None)):
+            elif len(layers) == 1 and callable(getattr(layers[0], "multiplier", None)):
                 segments.append(_Noise(layers[0]))
             else:
                 return None
@@ -123,7 +123,7 @@ class DirectStep:
                     y, hidden, preacts = _ops.dense_chain_forward(h, weights, biases, seg.activations, seg.alphas)
                     saved.append((h, y, hidden, preacts, weights, biases))
                 else:
-                    noise = seg.layer.noise(h)
+                    noise = seg.layer.multiplier(h)
                     saved.append(noise)
                     y = h if noise is None else h * noise
                 h = y
