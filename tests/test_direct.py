@@ -89,6 +89,8 @@ CASES = {
     "dropout on the input": dict(layers=[{"type": "dropout", "rate": 0.2}, MLP[0], MLP[2]]),
     "dropout after a frozen layer": dict(layers=[MLP[0], {"type": "dropout", "rate": 0.3}, MLP[1], MLP[2]],
                                          freeze=("layers.dense_1.weight", "layers.dense_1.bias")),
+    "noise and an activation on the input": dict(
+        layers=[{"type": "gaussian_noise", "stddev": 0.3}, {"type": "activation", "activation": "tanh"}, *MLP]),
     "binary cross-entropy": dict(layers=MLP, task="binary", width=1),
     "binary, class weights": dict(layers=MLP, task="binary", width=1,
                                   class_weights={"target": torch.tensor([3.0, 0.5])}),
@@ -131,6 +133,7 @@ AUTOGRAD_MODELS = {
     "activity penalty": {"layers": [{**MLP[0], "activity_l1": 0.01}, OUT]},
     "reference kernels": {"layers": MLP, "kernels": "reference"},
     "standalone activation": {"layers": [MLP[0], {"type": "activation", "activation": "relu"}, OUT]},
+    "noise after a dense layer": {"layers": [MLP[0], {"type": "gaussian_noise", "stddev": 0.3}, OUT]},
     "two inputs": {"inputs": {"a": {}, "b": {}},
                    "layers": [{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
                               {"type": "dense", "units": "auto", "activation": "auto", "name": "out"}],

@@ -1,5 +1,6 @@
 """Gradients without autograd's graph, for the commonest models: a line of fused dense layer
-chains, with dropout between them, from a single input to a single output (an MLP).
+chains, with dropout between them, from a single input to a single output (an MLP), maybe
+behind noise on its input.
 
 Its step is each chain's forward kernel and each dropout's noise, the loss and its gradient, then
 each chain's backward kernel and each noise's product, last first: the calls autograd makes for
@@ -65,10 +66,24 @@ class _Noise:
     trainable = False
 
 
-class DirectStep:
-    """The segments (chains and noise layers, input first) and head of a model that qualifies."""
+@dataclass
+class _Leading:
+    """A layer without parameters or buffers ahead of every dense layer (noise on the input):
+    nothing behind it trains, so it runs as it is and backpropagation never reaches it."""
+    layer: nn.Module
+    trainable = False
 
-    def __init__(self, model: DenseModel, input_name: str, output_name: str, segments: list[_Chain | _Noise]):
+
+def _stateless(layer: nn.Module) -> bool:
+    return next(layer.parameters(), None) is None and next(layer.buffers(), None) is None
+
+
+class DirectStep:
+    """The segments (leading layers, chains and noise layers, input first) and head of a model that
+    qualifies."""
+
+    def __init__(self, model: DenseModel, input_name: str, output_name: str,
+                 segments: list[_Leading | _Chain | _Noise]):
         self.model, self.input, self.output, self.segments = model, input_name, output_name, segments
         self.head = model.heads[output_name]
 
@@ -76,8 +91,9 @@ class DirectStep:
     def build(cls, model: DenseModel, device: torch.device, world: int) -> DirectStep | None:
         """A DirectStep for the model, or None where autograd has to do the work: several
         processes (DDP's gradient hooks), a device this path has not been measured on, several
-        inputs or outputs, layers other than fused dense ones and dropout, layers that do not
-        follow each other in one line, penalties on weights or activity."""
+        inputs or outputs, layers other than fused dense ones and dropout (but for parameter-free
+        ones ahead of them), layers that do not follow each other in one line, penalties on
+        weights or activity."""
         if world > 1 or device.type != "cpu" or len(model.input_widths) != 1 or len(model.heads) != 1:
             return None
         (output, head), = model.heads.items()
@@ -93,6 +109,8 @@ class DirectStep:
                 segments.append(_Chain.of(layers))
             elif len(layers) == 1 and callable(getattr(layers[0], "multiplier", None)):
                 segments.append(_Noise(layers[0]))
+            elif len(layers) == 1 and not any(isinstance(seg, _Chain) for seg in segments) and _stateless(layers[0]):
+                segments.append(_Leading(layers[0]))
             else:
                 return None
             source = run[-1].name
@@ -122,10 +140,13 @@ class DirectStep:
                     biases = [empty if m.bias is None else m.bias for m in seg.layers]
                     y, hidden, preacts = _ops.dense_chain_forward(h, weights, biases, seg.activations, seg.alphas)
                     saved.append((h, y, hidden, preacts, weights, biases))
-                else:
+                elif isinstance(seg, _Noise):
                     noise = seg.layer.multiplier(h)
                     saved.append(noise)
                     y = h if noise is None else h * noise
+                else:
+                    saved.append(None)
+                    y = seg.layer(h)
                 h = y
         # The total's chain rule down to the rows, in autograd's order: seed, head weight, row weight.
         coef = seed if self.head.weight == 1.0 else seed * self.head.weight
