@@ -139,8 +139,10 @@ def categorical_crossentropy(raw, target, head="softmax", from_logits="auto", la
 @LOSSES.register("sparse_categorical_crossentropy", "scce")
 def sparse_categorical_crossentropy(raw, target, head="softmax", from_logits="auto"):
     ids = target.reshape(-1).long()
-    if uses_logits(from_logits) and raw.dim() == 2:
-        return ops.softmax_cross_entropy(raw, ids)[0]  # the fused kernel, as training without autograd uses
+    if uses_logits(from_logits) and raw.dim() == 2 and raw.device.type == "cpu":
+        # The one-pass kernel, whose gradient training without autograd's graph uses. Elsewhere
+        # (where that path is not taken) ATen's log_softmax and nll_loss, as before.
+        return ops.softmax_cross_entropy(raw, ids)[0]
     return F.nll_loss(_log_probs(raw, head, from_logits), ids, reduction="none")
 
 
