@@ -39,8 +39,8 @@ def _fit(layers, task="multiclass", width=CLASSES, *, direct: bool, class_weight
          outputs=None, **train):
     data, spec = _data(task, width)
     model_cfg = {"layers": layers, **({"outputs": outputs} if outputs else {})}
-    cfg = config.parse({"model": model_cfg, "train": {"epochs": 3, "batch_size": 32, "progress": "quiet",
-                                                      "optimizer": {"name": "adam", "lr": 0.01}, **train}})
+    train = {"epochs": 3, "batch_size": 32, "progress": "quiet", "optimizer": {"name": "adam", "lr": 0.01}, **train}
+    cfg = config.parse({"model": model_cfg, "train": train})
     model = build_model(cfg.model, cfg.train, spec, seed=1)
     for name in freeze:
         model.get_parameter(name).requires_grad_(False)
@@ -89,6 +89,13 @@ CASES = {
     "dropout on the input": dict(layers=[{"type": "dropout", "rate": 0.2}, MLP[0], MLP[2]]),
     "dropout after a frozen layer": dict(layers=[MLP[0], {"type": "dropout", "rate": 0.3}, MLP[1], MLP[2]],
                                          freeze=("layers.dense_1.weight", "layers.dense_1.bias")),
+    "batchnorm and dropout between dense layers": dict(
+        layers=[MLP[0], {"type": "batchnorm"}, {"type": "dropout", "rate": 0.2}, MLP[1], {"type": "batchnorm"},
+                MLP[2]]),
+    "batchnorm on the input": dict(layers=[{"type": "batchnorm", "momentum": 0.9}, *MLP]),
+    "frozen batchnorm": dict(layers=[MLP[0], {"type": "batchnorm"}, MLP[2]],
+                             freeze=("layers.batchnorm_2.weight", "layers.batchnorm_2.bias")),
+    "batchnorm, a last batch of one row": dict(layers=[MLP[0], {"type": "batchnorm"}, MLP[2]], batch_size=101),
     "noise and an activation on the input": dict(
         layers=[{"type": "gaussian_noise", "stddev": 0.3}, {"type": "activation", "activation": "tanh"}, *MLP]),
     "binary cross-entropy": dict(layers=MLP, task="binary", width=1),
@@ -128,7 +135,8 @@ def _model(model_cfg, task="multiclass", width=CLASSES, **train):
 OUT = MLP[2]
 AUTOGRAD_MODELS = {
     "alpha dropout": {"layers": [MLP[0], {"type": "alpha_dropout", "rate": 0.2}, OUT]},
-    "batchnorm": {"layers": [MLP[0], {"type": "batchnorm"}, OUT]},
+    "noise behind a batchnorm": {"layers": [{"type": "batchnorm"}, {"type": "gaussian_noise", "stddev": 0.3}, *MLP]},
+    "layernorm": {"layers": [MLP[0], {"type": "layernorm"}, OUT]},
     "kernel penalty": {"layers": [{**MLP[0], "l2": 0.01}, OUT]},
     "activity penalty": {"layers": [{**MLP[0], "activity_l1": 0.01}, OUT]},
     "reference kernels": {"layers": MLP, "kernels": "reference"},

@@ -184,14 +184,19 @@ class BatchNorm(nn.BatchNorm1d):
         # statistics are left to the Keras update below.
         out = torch.batch_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps,
                                torch.backends.cudnn.enabled)
-        if x.shape[0] > 0:  # an empty batch (a DDP rank with no rows this step) has no statistics
-            with torch.no_grad():
-                dims = [d for d in range(x.dim()) if d != 1]           # every axis but the channels
-                var, mean = torch.var_mean(x, dims, correction=0)       # (C,), (C,): biased, as Keras
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
-                self.num_batches_tracked.add_(1)
+        self.track(x)
         return out
+
+    @torch.no_grad()
+    def track(self, x: Tensor) -> None:
+        """Moves the running statistics towards a training batch's (training without autograd's
+        graph, train/direct.py, calls it too)."""
+        if x.shape[0] > 0:  # an empty batch (a DDP rank with no rows this step) has no statistics
+            dims = [d for d in range(x.dim()) if d != 1]           # every axis but the channels
+            var, mean = torch.var_mean(x, dims, correction=0)       # (C,), (C,): biased, as Keras
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
 
 
 @LAYERS.register("batchnorm", "batch_normalization")

@@ -1,9 +1,9 @@
 """Gradients without autograd's graph, for the commonest models: a line of fused dense layer
-chains, with dropout between them, from a single input to a single output (an MLP), maybe
-behind noise on its input.
+chains, with batch normalization and dropout between them, from a single input to a single output
+(an MLP), maybe behind noise on its input.
 
-Its step is each chain's forward kernel and each dropout's noise, the loss and its gradient, then
-each chain's backward kernel and each noise's product, last first: the calls autograd makes for
+Its step is each layer's forward kernel (and each dropout's noise), the loss and its gradient,
+then each layer's backward kernel (and each noise's product), last first: the calls autograd makes for
 that model, with the same arguments in the same order, so the gradients are the same, bit for
 bit (tests/test_direct.py). What is left out is autograd's own cost per step (recording the
 graph, running its nodes, accumulating gradients), a third of a tabular MLP's step on the CPU.
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from densepipe import ops  # noqa: F401  (loads the extension: registers torch.ops.densepipe)
 from densepipe.nn.dense import FusedDense
+from densepipe.nn.layers import BatchNorm
 from densepipe.nn.losses import LOSSES, uses_logits
 from densepipe.nn.model import DenseModel, Head
 
@@ -67,6 +68,16 @@ class _Noise:
 
 
 @dataclass
+class _Norm:
+    """A batch normalization layer: torch's batch_norm kernels, whose backward autograd calls too."""
+    layer: BatchNorm
+
+    @property
+    def trainable(self) -> bool:
+        return self.layer.weight.requires_grad or self.layer.bias.requires_grad
+
+
+@dataclass
 class _Leading:
     """A layer without parameters or buffers ahead of every dense layer (noise on the input):
     nothing behind it trains, so it runs as it is and backpropagation never reaches it."""
@@ -83,7 +94,7 @@ class DirectStep:
     qualifies."""
 
     def __init__(self, model: DenseModel, input_name: str, output_name: str,
-                 segments: list[_Leading | _Chain | _Noise]):
+                 segments: list[_Leading | _Chain | _Norm | _Noise]):
         self.model, self.input, self.output, self.segments = model, input_name, output_name, segments
         self.head = model.heads[output_name]
 
@@ -91,7 +102,7 @@ class DirectStep:
     def build(cls, model: DenseModel, device: torch.device, world: int) -> DirectStep | None:
         """A DirectStep for the model, or None where autograd has to do the work: several
         processes (DDP's gradient hooks), a device this path has not been measured on, several
-        inputs or outputs, layers other than fused dense ones and dropout (but for parameter-free
+        inputs or outputs, layers other than fused dense, batchnorm and dropout (but for parameter-free
         ones ahead of them), layers that do not follow each other in one line, penalties on
         weights or activity."""
         if world > 1 or device.type != "cpu" or len(model.input_widths) != 1 or len(model.heads) != 1:
@@ -109,7 +120,10 @@ class DirectStep:
                 segments.append(_Chain.of(layers))
             elif len(layers) == 1 and callable(getattr(layers[0], "multiplier", None)):
                 segments.append(_Noise(layers[0]))
-            elif len(layers) == 1 and not any(isinstance(seg, _Chain) for seg in segments) and _stateless(layers[0]):
+            elif len(layers) == 1 and type(layers[0]) is BatchNorm:
+                segments.append(_Norm(layers[0]))
+            elif (len(layers) == 1 and _stateless(layers[0])
+                  and not any(isinstance(seg, _Chain | _Norm) for seg in segments)):
                 segments.append(_Leading(layers[0]))
             else:
                 return None
@@ -140,6 +154,13 @@ class DirectStep:
                     biases = [empty if m.bias is None else m.bias for m in seg.layers]
                     y, hidden, preacts = _ops.dense_chain_forward(h, weights, biases, seg.activations, seg.alphas)
                     saved.append((h, y, hidden, preacts, weights, biases))
+                elif isinstance(seg, _Norm):
+                    bn = seg.layer
+                    # What torch.batch_norm runs in training without running statistics.
+                    y, mean, invstd = torch.ops.aten.native_batch_norm(h, bn.weight, bn.bias, None, None, True,
+                                                                       0.0, bn.eps)
+                    bn.track(h)
+                    saved.append((h, mean, invstd))
                 elif isinstance(seg, _Noise):
                     noise = seg.layer.multiplier(h)
                     saved.append(noise)
@@ -158,6 +179,8 @@ class DirectStep:
         for seg, kept, need_x in reversed(list(zip(self.segments, saved, need_dx, strict=True))):
             if isinstance(seg, _Chain):
                 g = _chain_backward(seg, kept, g, need_x)
+            elif isinstance(seg, _Norm):
+                g = _norm_backward(seg.layer, kept, g, need_x)
             elif kept is not None and need_x:
                 g = g * kept
             if not need_x:
@@ -180,4 +203,20 @@ def _chain_backward(seg: _Chain, kept, g: Tensor, need_x: bool) -> Tensor | None
         for p, d, wanted in zip(params, ds, need, strict=True):
             if wanted:
                 p.grad = d
+    return dx if need_x else None
+
+
+def _norm_backward(bn: BatchNorm, kept, g: Tensor, need_x: bool) -> Tensor | None:
+    """Sets the batch normalization's gradients from g, its output's; returns its input's
+    (None unless need_x)."""
+    x, mean, invstd = kept
+    need = [need_x, bn.weight.requires_grad, bn.bias.requires_grad]
+    if not any(need):
+        return None
+    with torch._C._AutoDispatchBelowAutograd():
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, bn.weight, None, None, mean, invstd, True,
+                                                               bn.eps, need)
+    for p, d, wanted in ((bn.weight, dw, need[1]), (bn.bias, db, need[2])):
+        if wanted:
+            p.grad = d
     return dx if need_x else None
