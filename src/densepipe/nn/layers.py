@@ -117,11 +117,23 @@ def build_prelu(cfg, widths, ctx):
     return layer, width
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout, with the multiplicative noise it draws exposed as `multiplier(x)` (training without
-    autograd's graph, train/direct.py, multiplies by the same tensor). On the CPU the noise comes
-    from the dropout_noise kernel, several times faster than torch's Bernoulli draws there; on
-    other devices this is torch's dropout, whose kernel fuses mask and product."""
+class MultiplicativeNoise(nn.Module):
+    """A layer that, while training, multiplies its input by noise it draws, `multiplier(x)`
+    (None: the identity). Training without autograd's graph (train/direct.py) multiplies by the
+    same tensor and backpropagates through it."""
+
+    def multiplier(self, x: Tensor) -> Tensor | None:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        noise = self.multiplier(x)
+        return x if noise is None else x * noise
+
+
+class Dropout(MultiplicativeNoise, nn.Dropout):
+    """nn.Dropout, its noise drawn on the CPU by the dropout_noise kernel, several times faster
+    than torch's Bernoulli draws there; on other devices this is torch's dropout, whose kernel
+    fuses mask and product."""
 
     def multiplier(self, x: Tensor) -> Tensor | None:
         """The tensor training multiplies x by (None: the identity), on the CPU."""
@@ -130,13 +142,10 @@ class Dropout(nn.Dropout):
         return ops.dropout_noise(x, self.p)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return super().forward(x)
-        noise = self.multiplier(x)
-        return x if noise is None else x * noise
+        return super().forward(x) if x.device.type == "cpu" else nn.Dropout.forward(self, x)
 
 
-class GaussianDropout(nn.Module):
+class GaussianDropout(MultiplicativeNoise):
     """Keras' GaussianDropout: multiplies by N(1, rate / (1 - rate)) noise while training (the
     variance of dropout's own multiplicative noise); the identity at inference."""
 
@@ -150,10 +159,6 @@ class GaussianDropout(nn.Module):
             return None
         stddev = (self.rate / (1 - self.rate)) ** 0.5
         return 1 + stddev * torch.randn_like(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        noise = self.multiplier(x)
-        return x if noise is None else x * noise
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"

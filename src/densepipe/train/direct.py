@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from densepipe import ops  # noqa: F401  (loads the extension: registers torch.ops.densepipe)
 from densepipe.nn.dense import FusedDense
-from densepipe.nn.layers import BatchNorm
+from densepipe.nn.layers import BatchNorm, MultiplicativeNoise
 from densepipe.nn.losses import LOSSES, uses_logits
 from densepipe.nn.model import DenseModel, Head
 
@@ -59,12 +59,23 @@ class _Chain:
     def trainable(self) -> bool:
         return any(p.requires_grad for m in self.layers for p in m.parameters())
 
+    def forward(self, h: Tensor):
+        empty = h.new_empty(0)  # the op's "no bias"
+        weights = [m.weight for m in self.layers]
+        biases = [empty if m.bias is None else m.bias for m in self.layers]
+        y, hidden, preacts = _ops.dense_chain_forward(h, weights, biases, self.activations, self.alphas)
+        return y, (h, y, hidden, preacts, weights, biases)
 
-@dataclass
-class _Noise:
-    """A layer that multiplies its input by noise it draws (dropout): `multiplier(x)`, None for none."""
-    layer: nn.Module
-    trainable = False
+    def backward(self, kept, g: Tensor, need_x: bool) -> Tensor | None:
+        x, y, hidden, preacts, weights, biases = kept
+        need_w = [w.requires_grad for w in weights]
+        need_b = [b.requires_grad for b in biases]  # False for the empty stand-in of no bias
+        if not (need_x or any(need_w) or any(need_b)):
+            return None
+        dx, dws, dbs = _ops.dense_chain_backward(g, x, hidden, y, weights, preacts, self.activations, self.alphas,
+                                                 need_w, need_b, need_x)
+        _set_grads(weights + biases, dws + dbs, need_w + need_b)
+        return dx if need_x else None
 
 
 @dataclass
@@ -76,6 +87,37 @@ class _Norm:
     def trainable(self) -> bool:
         return self.layer.weight.requires_grad or self.layer.bias.requires_grad
 
+    def forward(self, h: Tensor):
+        bn = self.layer
+        # What torch.batch_norm runs in training without running statistics.
+        y, mean, invstd = torch.ops.aten.native_batch_norm(h, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
+        bn.track(h)
+        return y, (h, mean, invstd)
+
+    def backward(self, kept, g: Tensor, need_x: bool) -> Tensor | None:
+        bn, (x, mean, invstd) = self.layer, kept
+        need = [need_x, bn.weight.requires_grad, bn.bias.requires_grad]
+        if not any(need):
+            return None
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, bn.weight, None, None, mean, invstd, True,
+                                                               bn.eps, need)
+        _set_grads([bn.weight, bn.bias], [dw, db], need[1:])
+        return dx if need_x else None
+
+
+@dataclass
+class _Noise:
+    """A layer that multiplies its input by noise it draws (dropout)."""
+    layer: MultiplicativeNoise
+    trainable = False
+
+    def forward(self, h: Tensor):
+        noise = self.layer.multiplier(h)
+        return (h if noise is None else h * noise), noise
+
+    def backward(self, noise, g: Tensor, need_x: bool) -> Tensor | None:
+        return None if not need_x else g if noise is None else g * noise
+
 
 @dataclass
 class _Leading:
@@ -84,9 +126,24 @@ class _Leading:
     layer: nn.Module
     trainable = False
 
+    def forward(self, h: Tensor):
+        return self.layer(h), None
+
+    def backward(self, kept, g: Tensor, need_x: bool) -> None:
+        return None
+
+
+def _set_grads(params: list[Tensor], grads: list[Tensor], wanted: list[bool]) -> None:
+    for p, d, want in zip(params, grads, wanted, strict=True):
+        if want:
+            p.grad = d
+
 
 def _stateless(layer: nn.Module) -> bool:
     return next(layer.parameters(), None) is None and next(layer.buffers(), None) is None
+
+
+_Segment = _Leading | _Chain | _Norm | _Noise  # each: trainable, forward(h) -> (y, kept), backward(kept, g, need_x)
 
 
 class DirectStep:
@@ -94,7 +151,7 @@ class DirectStep:
     qualifies."""
 
     def __init__(self, model: DenseModel, input_name: str, output_name: str,
-                 segments: list[_Leading | _Chain | _Norm | _Noise]):
+                 segments: list[_Segment]):
         self.model, self.input, self.output, self.segments = model, input_name, output_name, segments
         self.head = model.heads[output_name]
 
@@ -118,7 +175,7 @@ class DirectStep:
             layers = [model.layers[node.name] for node in run]
             if all(isinstance(m, FusedDense) and m.chains for m in layers):
                 segments.append(_Chain.of(layers))
-            elif len(layers) == 1 and callable(getattr(layers[0], "multiplier", None)):
+            elif len(layers) == 1 and isinstance(layers[0], MultiplicativeNoise):
                 segments.append(_Noise(layers[0]))
             elif len(layers) == 1 and type(layers[0]) is BatchNorm:
                 segments.append(_Norm(layers[0]))
@@ -148,75 +205,21 @@ class DirectStep:
         saved = []  # per segment: what its backward needs
         with torch._C._AutoDispatchBelowAutograd():  # the kernels themselves: no graph is recorded
             for seg in self.segments:
-                if isinstance(seg, _Chain):
-                    empty = h.new_empty(0)  # the op's "no bias"
-                    weights = [m.weight for m in seg.layers]
-                    biases = [empty if m.bias is None else m.bias for m in seg.layers]
-                    y, hidden, preacts = _ops.dense_chain_forward(h, weights, biases, seg.activations, seg.alphas)
-                    saved.append((h, y, hidden, preacts, weights, biases))
-                elif isinstance(seg, _Norm):
-                    bn = seg.layer
-                    # What torch.batch_norm runs in training without running statistics.
-                    y, mean, invstd = torch.ops.aten.native_batch_norm(h, bn.weight, bn.bias, None, None, True,
-                                                                       0.0, bn.eps)
-                    bn.track(h)
-                    saved.append((h, mean, invstd))
-                elif isinstance(seg, _Noise):
-                    noise = seg.layer.multiplier(h)
-                    saved.append(noise)
-                    y = h if noise is None else h * noise
-                else:
-                    saved.append(None)
-                    y = seg.layer(h)
-                h = y
+                h, kept = seg.forward(h)
+                saved.append(kept)
         # The total's chain rule down to the rows, in autograd's order: seed, head weight, row weight.
         coef = seed if self.head.weight == 1.0 else seed * self.head.weight
         if row_weight is not None:
             coef = coef * row_weight
         loss, g = loss_and_grad(self.head, h, target, coef)
-        # A segment's input needs a gradient when some segment before it trains.
-        need_dx = [any(seg.trainable for seg in self.segments[:i]) for i in range(len(self.segments))]
-        for seg, kept, need_x in reversed(list(zip(self.segments, saved, need_dx, strict=True))):
-            if isinstance(seg, _Chain):
-                g = _chain_backward(seg, kept, g, need_x)
-            elif isinstance(seg, _Norm):
-                g = _norm_backward(seg.layer, kept, g, need_x)
-            elif kept is not None and need_x:
-                g = g * kept
-            if not need_x:
-                break
+        need_x, trains = [], False  # a segment's input needs a gradient when a segment before it trains
+        for seg in self.segments:
+            need_x.append(trains)
+            trains = trains or seg.trainable
+        with torch._C._AutoDispatchBelowAutograd():
+            for seg, kept, need in reversed(list(zip(self.segments, saved, need_x, strict=True))):
+                g = seg.backward(kept, g, need)
+                if g is None:  # nothing further back trains
+                    break
         return {self.output: h}, loss
 
-
-def _chain_backward(seg: _Chain, kept, g: Tensor, need_x: bool) -> Tensor | None:
-    """Sets the gradients of a chain's trainable parameters from g, the gradient of its output;
-    returns the gradient of its input (None unless need_x)."""
-    x, y, hidden, preacts, weights, biases = kept
-    need_w = [w.requires_grad for w in weights]
-    need_b = [b.requires_grad for b in biases]  # False for the empty stand-in of no bias
-    if not (need_x or any(need_w) or any(need_b)):
-        return None
-    with torch._C._AutoDispatchBelowAutograd():
-        dx, dws, dbs = _ops.dense_chain_backward(g, x, hidden, y, weights, preacts, seg.activations, seg.alphas,
-                                                 need_w, need_b, need_x)
-    for params, ds, need in ((weights, dws, need_w), (biases, dbs, need_b)):
-        for p, d, wanted in zip(params, ds, need, strict=True):
-            if wanted:
-                p.grad = d
-    return dx if need_x else None
-
-
-def _norm_backward(bn: BatchNorm, kept, g: Tensor, need_x: bool) -> Tensor | None:
-    """Sets the batch normalization's gradients from g, its output's; returns its input's
-    (None unless need_x)."""
-    x, mean, invstd = kept
-    need = [need_x, bn.weight.requires_grad, bn.bias.requires_grad]
-    if not any(need):
-        return None
-    with torch._C._AutoDispatchBelowAutograd():
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, bn.weight, None, None, mean, invstd, True,
-                                                               bn.eps, need)
-    for p, d, wanted in ((bn.weight, dw, need[1]), (bn.bias, db, need[2])):
-        if wanted:
-            p.grad = d
-    return dx if need_x else None

@@ -173,14 +173,16 @@ class Trainer:
         weighted: with the class weights, which (as Keras') shape training only."""
         per_sample = {name: LOSSES[head.loss](raw[name], targets[head.target], head.activation, **head.loss_params)
                       for name, head in self.model.heads.items()}
-        return self._totals(per_sample, targets, weighted)
+        weights = {name: self._row_weights(head, targets) if weighted else None
+                   for name, head in self.model.heads.items()}
+        return self._totals(per_sample, weights)
 
-    def _totals(self, per_sample: dict[str, Tensor], targets: dict[str, Tensor],
-                weighted: bool) -> tuple[Tensor, list[Tensor]]:
-        """_loss_sums from each output's per-row losses."""
+    def _totals(self, per_sample: dict[str, Tensor],
+                row_weights: dict[str, Tensor | None]) -> tuple[Tensor, list[Tensor]]:
+        """_loss_sums from each output's per-row losses and row weights (None: all 1)."""
         parts, total = [], None
         for name, head in self.model.heads.items():
-            part = weighted_sum(per_sample[name], self._row_weights(head, targets, weighted))
+            part = weighted_sum(per_sample[name], row_weights[name])
             parts.append(part)
             weighted_part = part if head.weight == 1.0 else head.weight * part
             total = weighted_part if total is None else total + weighted_part
@@ -188,9 +190,9 @@ class Trainer:
             total = total + self.model.activity
         return total, parts
 
-    def _row_weights(self, head: Head, targets: dict[str, Tensor], weighted: bool = True) -> Tensor | None:
+    def _row_weights(self, head: Head, targets: dict[str, Tensor]) -> Tensor | None:
         """Each row's class weight for the head's loss; None without class weights."""
-        table = self.class_weights.get(head.target) if weighted else None
+        table = self.class_weights.get(head.target)
         return table[targets[head.target].reshape(-1).long()] if table is not None else None
 
     def _metric_stats(self, raw, targets) -> list[Tensor]:
@@ -247,9 +249,10 @@ class Trainer:
             scale = self.dist.world / rows
             self.optimizer.zero_grad()
             if direct is not None:  # the same gradients, without autograd (see train/direct.py)
+                row_weight = self._row_weights(direct.head, yb)
                 raw, per_sample = direct.grads(xb, yb[direct.head.target], seed_of(scale, xb[direct.input]),
-                                               self._row_weights(direct.head, yb))
-                total, parts = self._totals({direct.output: per_sample}, yb, weighted=True)
+                                               row_weight)
+                total, parts = self._totals({direct.output: per_sample}, {direct.output: row_weight})
                 penalty = None
             else:
                 raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
