@@ -145,6 +145,10 @@ class DenseModel(nn.Module):
         """Whether any weight carries an L1/L2 penalty."""
         return bool(self._penalties)
 
+    def penalized_weights(self) -> list[tuple[Tensor, float, float]]:
+        """(weight, l1, l2) per penalized weight, in the order penalty() adds them up."""
+        return [(getattr(module, attr), l1, l2) for module, attr, l1, l2 in self._penalties]
+
     @property
     def has_activity(self) -> bool:
         """Whether any layer's output carries an activity penalty."""
@@ -182,6 +186,16 @@ def l1_l2(t: Tensor, l1: float, l2: float) -> Tensor | None:
     for rate, term in ((l1, t.abs), (l2, t.square)):
         if rate:
             total = _plus(total, rate * term().sum())
+    return total
+
+
+def l1_l2_grad(t: Tensor, l1: float, l2: float) -> Tensor | None:
+    """The gradient of l1_l2(t, l1, l2) with respect to t, computed as autograd's backward of it
+    computes it (abs: sign times the rate; square: twice t, times the rate); None when both rates are 0."""
+    total = None
+    for rate, term in ((l1, t.sgn), (l2, lambda: t * 2)):
+        if rate:
+            total = _plus(total, term() * rate)
     return total
 
 

@@ -1,6 +1,6 @@
 """Gradients without autograd's graph, for the commonest models: a line of fused dense layer
 chains, with batch normalization and dropout between them, from a single input to a single output
-(an MLP), maybe behind noise on its input.
+(an MLP), maybe behind noise on its input, maybe with L1/L2 penalties on its weights.
 
 Its step is each layer's forward kernel (and each dropout's noise), the loss and its gradient,
 then each layer's backward kernel (and each noise's product), last first: the calls autograd makes for
@@ -8,8 +8,9 @@ that model, with the same arguments in the same order, so the gradients are the 
 bit (tests/test_direct.py). What is left out is autograd's own cost per step (recording the
 graph, running its nodes, accumulating gradients), a third of a tabular MLP's step on the CPU.
 Sparse categorical cross-entropy from logits, the classifier's loss, comes with its gradient from
-one kernel; any other loss is differentiated by autograd on its own. Every other model, and every
-model on the GPU or under torchrun, trains through autograd.
+one kernel; any other loss is differentiated by autograd on its own, and the weights' L1/L2
+penalties by their formula, in autograd's arithmetic.
+Every other model, and every model on the GPU or under torchrun, trains through autograd.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from densepipe import ops  # noqa: F401  (loads the extension: registers torch.o
 from densepipe.nn.dense import FusedDense
 from densepipe.nn.layers import BatchNorm, MultiplicativeNoise
 from densepipe.nn.losses import LOSSES, uses_logits
-from densepipe.nn.model import DenseModel, Head
+from densepipe.nn.model import DenseModel, Head, l1_l2_grad
 
 _ops = torch.ops.densepipe
 
@@ -161,11 +162,11 @@ class DirectStep:
         processes (DDP's gradient hooks), a device this path has not been measured on, several
         inputs or outputs, layers other than fused dense, batchnorm and dropout (but for parameter-free
         ones ahead of them), layers that do not follow each other in one line, penalties on
-        weights or activity."""
+        activity."""
         if world > 1 or device.type != "cpu" or len(model.input_widths) != 1 or len(model.heads) != 1:
             return None
         (output, head), = model.heads.items()
-        if model.penalized or model.has_activity:
+        if model.has_activity:
             return None
         (input_name,) = model.input_widths
         source, segments = input_name, []
@@ -223,3 +224,16 @@ class DirectStep:
                     break
         return {self.output: h}, loss
 
+    def penalty_grads(self) -> Tensor | None:
+        """Adds the gradient of the weights' L1/L2 penalties to their .grad, set by grads(), and
+        returns the penalty (None without any). Autograd's backward of loss total + penalty sums the
+        same two terms into each weight's gradient: the penalty's (its nodes were recorded later,
+        so they run first) and the layer's."""
+        if not self.model.penalized:
+            return None
+        with torch.no_grad():
+            for w, l1, l2 in self.model.penalized_weights():
+                if w.requires_grad:
+                    g = l1_l2_grad(w, l1, l2)
+                    w.grad = g if w.grad is None else w.grad + g
+            return self.model.penalty()

@@ -253,7 +253,7 @@ class Trainer:
                 raw, per_sample = direct.grads(xb, yb[direct.head.target], seed_of(scale, xb[direct.input]),
                                                row_weight)
                 total, parts = self._totals({direct.output: per_sample}, {direct.output: row_weight})
-                penalty = None
+                penalty = direct.penalty_grads()
             else:
                 raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
                 total, parts = self._loss_sums(raw, yb)
