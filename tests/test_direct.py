@@ -36,9 +36,9 @@ def _data(task: str, width: int) -> tuple[Split, DataSpec]:
 
 
 def _fit(layers, task="multiclass", width=CLASSES, *, direct: bool, class_weights=None, freeze=(),
-         outputs=None, **train):
+         outputs=None, kernels="fused", **train):
     data, spec = _data(task, width)
-    model_cfg = {"layers": layers, **({"outputs": outputs} if outputs else {})}
+    model_cfg = {"layers": layers, "kernels": kernels, **({"outputs": outputs} if outputs else {})}
     train = {"epochs": 3, "batch_size": 32, "progress": "quiet", "optimizer": {"name": "adam", "lr": 0.01}, **train}
     cfg = config.parse({"model": model_cfg, "train": train})
     model = build_model(cfg.model, cfg.train, spec, seed=1)
@@ -109,6 +109,20 @@ CASES = {
                                       freeze=("layers.dense_1.weight", "layers.dense_1.bias")),
     "only frozen weights penalized": dict(layers=[{**MLP[0], "l2": 0.01}, MLP[1], MLP[2]],
                                           freeze=("layers.dense_1.weight",)),
+    "alpha dropout": dict(layers=[{**MLP[0], "activation": "selu"}, {"type": "alpha_dropout", "rate": 0.2}, MLP[2]]),
+    "layernorm": dict(layers=[MLP[0], {"type": "layernorm"}, MLP[1], {"type": "layernorm", "center": False}, MLP[2]]),
+    "frozen layernorm behind a frozen layer": dict(
+        layers=[MLP[0], {"type": "layernorm"}, MLP[1], MLP[2]],
+        freeze=("layers.dense_1.weight", "layers.dense_1.bias", "layers.layernorm_2.weight")),
+    "noise behind a batchnorm and after a dense layer": dict(
+        layers=[{"type": "batchnorm"}, {"type": "gaussian_noise", "stddev": 0.3}, MLP[0],
+                {"type": "gaussian_noise", "stddev": 0.1}, MLP[2]]),
+    "standalone activations": dict(layers=[MLP[0], {"type": "activation", "activation": "relu"}, MLP[1],
+                                           {"type": "activation", "activation": "softplus"}, MLP[2]]),
+    "reference kernels": dict(layers=MLP, kernels="reference"),
+    "reference kernels, dropout, batchnorm": dict(
+        layers=[MLP[0], {"type": "dropout", "rate": 0.2}, MLP[1], {"type": "batchnorm"}, MLP[2]],
+        kernels="reference"),
     "binary cross-entropy": dict(layers=MLP, task="binary", width=1),
     "binary, class weights": dict(layers=MLP, task="binary", width=1,
                                   class_weights={"target": torch.tensor([3.0, 0.5])}),
@@ -145,13 +159,7 @@ def _model(model_cfg, task="multiclass", width=CLASSES, **train):
 
 OUT = MLP[2]
 AUTOGRAD_MODELS = {
-    "alpha dropout": {"layers": [MLP[0], {"type": "alpha_dropout", "rate": 0.2}, OUT]},
-    "noise behind a batchnorm": {"layers": [{"type": "batchnorm"}, {"type": "gaussian_noise", "stddev": 0.3}, *MLP]},
-    "layernorm": {"layers": [MLP[0], {"type": "layernorm"}, OUT]},
     "activity penalty": {"layers": [{**MLP[0], "activity_l1": 0.01}, OUT]},
-    "reference kernels": {"layers": MLP, "kernels": "reference"},
-    "standalone activation": {"layers": [MLP[0], {"type": "activation", "activation": "relu"}, OUT]},
-    "noise after a dense layer": {"layers": [MLP[0], {"type": "gaussian_noise", "stddev": 0.3}, OUT]},
     "two inputs": {"inputs": {"a": {}, "b": {}},
                    "layers": [{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
                               {"type": "dense", "units": "auto", "activation": "auto", "name": "out"}],
@@ -181,15 +189,25 @@ def test_gpu_and_several_processes_train_through_autograd(device, world):
     assert DirectStep.build(_model({"layers": MLP}), torch.device(device), world=world) is None
 
 
-def test_a_hooked_layer_is_called_through_autograd():
+HOOKED = {  # layer config, its name, whether training may still skip autograd's graph
+    "chained dense layer": (MLP, "dense_2", False),
+    "batchnorm": ([MLP[0], {"type": "batchnorm"}, MLP[2]], "batchnorm_2", False),
+    "dropout": ([MLP[0], {"type": "dropout", "rate": 0.2}, MLP[2]], "dropout_2", False),
+    "layernorm, called as itself": ([MLP[0], {"type": "layernorm"}, MLP[2]], "layernorm_2", True),
+}
+
+
+@pytest.mark.parametrize(("layers", "name", "direct"), HOOKED.values(), ids=HOOKED.keys())
+def test_a_hooked_layer_sees_every_batch(layers, name, direct):
     data, spec = _data("multiclass", CLASSES)
-    cfg = config.parse({"model": {"layers": MLP}, "train": {"epochs": 1, "batch_size": 64, "progress": "quiet"}})
+    cfg = config.parse({"model": {"layers": layers},
+                        "train": {"epochs": 1, "batch_size": 64, "progress": "quiet"}})
     model = build_model(cfg.model, cfg.train, spec)
     trainer = Trainer(model, cfg.train)
     assert trainer.direct is not None and trainer.direct.usable()
     calls = []
-    model.layers["dense_2"].register_forward_hook(lambda module, args, out: calls.append(out.shape))
-    assert not trainer.direct.usable()
+    model.layers[name].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    assert trainer.direct.usable() == direct
     trainer.fit(data)
     assert len(calls) == -(-ROWS // 64)  # one call per training step: the hook saw every batch
 

@@ -48,15 +48,21 @@ class FusedDense(nn.Module):
         return self.runs_fused_kernel and self.act.fused
 
     def chainable(self) -> bool:
-        """Whether run_chain may run it now: it chains, and nothing expects its own call (its
-        forward or backward hooks, global module hooks, a compiled call of its own)."""
-        compiled = getattr(self, "_compiled_call_impl", None) is not None  # Module.compile(), torch >= 2.2
-        return self.chains and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                                    or self._backward_pre_hooks or compiled or _global_module_hooks())
+        """Whether run_chain may run it now: it chains, and nothing expects its own call."""
+        return self.chains and not expects_own_call(self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activation={self.act.name}")
+
+
+def expects_own_call(module: nn.Module) -> bool:
+    """Whether something expects the module to be called as itself, so running its kernels
+    directly would skip it: its forward or backward hooks, global module hooks, a compiled call
+    of its own."""
+    compiled = getattr(module, "_compiled_call_impl", None) is not None  # Module.compile(), torch >= 2.2
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or compiled or _global_module_hooks())
 
 
 def _global_module_hooks() -> bool:
