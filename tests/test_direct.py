@@ -35,10 +35,21 @@ def _data(task: str, width: int) -> tuple[Split, DataSpec]:
     return Split({"features": x}, {"target": y}), spec
 
 
+def _graph_data() -> tuple[Split, DataSpec]:
+    """Two inputs (the features' halves) and two targets: class ids and a value."""
+    data, spec = _data("multiclass", CLASSES)
+    x, half = data.inputs["features"], FEATURES // 2
+    size = x[:, :1] - 0.5 * x[:, 3:4]
+    spec = DataSpec({"a": half, "b": FEATURES - half},
+                    {"target": spec.targets["target"], "size": TargetSpec("regression", 1)})
+    return Split({"a": x[:, :half], "b": x[:, half:]}, {"target": data.targets["target"], "size": size}), spec
+
+
 def _fit(layers, task="multiclass", width=CLASSES, *, direct: bool, class_weights=None, freeze=(),
-         outputs=None, kernels="fused", **train):
-    data, spec = _data(task, width)
-    model_cfg = {"layers": layers, "kernels": kernels, **({"outputs": outputs} if outputs else {})}
+         outputs=None, kernels="fused", inputs=None, **train):
+    data, spec = _graph_data() if task == "graph" else _data(task, width)
+    model_cfg = {"layers": layers, "kernels": kernels, **({"outputs": outputs} if outputs else {}),
+                 **({"inputs": inputs} if inputs else {})}
     train = {"epochs": 3, "batch_size": 32, "progress": "quiet", "optimizer": {"name": "adam", "lr": 0.01}, **train}
     cfg = config.parse({"model": model_cfg, "train": train})
     model = build_model(cfg.model, cfg.train, spec, seed=1)
@@ -123,6 +134,34 @@ CASES = {
     "reference kernels, dropout, batchnorm": dict(
         layers=[MLP[0], {"type": "dropout", "rate": 0.2}, MLP[1], {"type": "batchnorm"}, MLP[2]],
         kernels="reference"),
+    "two inputs, two outputs on one trunk": dict(
+        task="graph", inputs={"a": {}, "b": {}},
+        layers=[{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
+                {**MLP[0], "inputs": ["both"], "name": "trunk"},
+                {"type": "dense", "units": "auto", "activation": "auto", "inputs": ["trunk"], "name": "cls"},
+                {"type": "dense", "units": "auto", "inputs": ["trunk"], "name": "size"}],
+        outputs={"cls": {"target": "target"}, "size": {"target": "size", "weight": 0.5}}),
+    "a layer read three times, an input read twice": dict(
+        task="graph", inputs={"a": {}, "b": {}},
+        layers=[{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
+                {**MLP[0], "inputs": ["both"], "name": "trunk"},
+                {"type": "dense", "units": 16, "activation": "tanh", "inputs": ["trunk"], "name": "side"},
+                {"type": "add", "inputs": ["trunk", "side"], "name": "res"},
+                {"type": "dropout", "rate": 0.2, "inputs": ["res"], "name": "drop"},
+                {"type": "dense", "units": 8, "activation": "relu", "inputs": ["a"], "name": "a_only"},
+                {"type": "concatenate", "inputs": ["drop", "a_only"], "name": "joined"},
+                {"type": "dense", "units": "auto", "activation": "auto", "inputs": ["joined"], "name": "cls"},
+                {"type": "dense", "units": "auto", "inputs": ["trunk"], "name": "size"}],
+        outputs={"cls": {"target": "target", "weight": 2.0}, "size": {"target": "size"}}),
+    "an output read by another layer": dict(
+        task="graph", inputs={"a": {}, "b": {}},
+        layers=[{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
+                {**MLP[0], "inputs": ["both"], "name": "trunk"},
+                {"type": "batchnorm", "inputs": ["trunk"], "name": "norm"},
+                {"type": "dense", "units": "auto", "inputs": ["norm"], "name": "size"},
+                {"type": "concatenate", "inputs": ["norm", "size"], "name": "with_size"},
+                {"type": "dense", "units": "auto", "activation": "auto", "inputs": ["with_size"], "name": "cls"}],
+        outputs={"size": {"target": "size"}, "cls": {"target": "target"}}),
     "binary cross-entropy": dict(layers=MLP, task="binary", width=1),
     "binary, class weights": dict(layers=MLP, task="binary", width=1,
                                   class_weights={"target": torch.tensor([3.0, 0.5])}),
@@ -144,7 +183,7 @@ def test_frozen_parameters_are_left_without_gradient():
     step = DirectStep.build(model, torch.device("cpu"), world=1)
     frozen = model.layers["dense_1"].weight.requires_grad_(False)
     seed = torch.tensor(1.0 / ROWS)
-    step.grads(data.inputs, data.targets["target"], seed, None)
+    step.grads(data.inputs, data.targets, seed, dict.fromkeys(model.heads))
     assert frozen.grad is None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -160,27 +199,17 @@ def _model(model_cfg, task="multiclass", width=CLASSES, **train):
 OUT = MLP[2]
 AUTOGRAD_MODELS = {
     "activity penalty": {"layers": [{**MLP[0], "activity_l1": 0.01}, OUT]},
-    "two inputs": {"inputs": {"a": {}, "b": {}},
-                   "layers": [{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
-                              {"type": "dense", "units": "auto", "activation": "auto", "name": "out"}],
-                   "outputs": {"out": {}}},
+    "an output read after its head's activation": {
+        "layers": [{**MLP[0], "name": "trunk"}, {"type": "dense", "units": "auto", "activation": "auto",
+                                                 "inputs": ["trunk"], "name": "out"},
+                   {"type": "dense", "units": "auto", "activation": "auto", "inputs": ["out"], "name": "again"}],
+        "outputs": {"out": {"target": "target"}, "again": {"target": "target"}}},
 }
 
 
 @pytest.mark.parametrize("model_cfg", AUTOGRAD_MODELS.values(), ids=AUTOGRAD_MODELS.keys())
 def test_other_models_train_through_autograd(model_cfg):
     assert DirectStep.build(_model(model_cfg), torch.device("cpu"), world=1) is None
-
-
-def test_two_outputs_train_through_autograd():
-    data, spec = _data("multiclass", CLASSES)
-    spec = DataSpec(spec.inputs, {"target": spec.targets["target"], "size": TargetSpec("regression", 1)})
-    model_cfg = {"layers": [{**MLP[0], "name": "trunk"},
-                            {"type": "dense", "units": "auto", "activation": "auto", "inputs": ["trunk"], "name": "a"},
-                            {"type": "dense", "units": "auto", "inputs": ["trunk"], "name": "b"}],
-                 "outputs": {"a": {"target": "target"}, "b": {"target": "size"}}}
-    cfg = config.parse({"model": model_cfg, "train": {"progress": "quiet"}})
-    assert DirectStep.build(build_model(cfg.model, cfg.train, spec), torch.device("cpu"), world=1) is None
 
 
 @pytest.mark.parametrize(("device", "world"), [("cuda", 1), ("cpu", 2)])

@@ -150,6 +150,11 @@ class DenseModel(nn.Module):
         return [(getattr(module, attr), l1, l2) for module, attr, l1, l2 in self._penalties]
 
     @property
+    def reads_activated_outputs(self) -> bool:
+        """Whether a layer reads an output after its head's activation (a split-off softmax or sigmoid)."""
+        return bool(self._activated)
+
+    @property
     def has_activity(self) -> bool:
         """Whether any layer's output carries an activity penalty."""
         return bool(self._activity)

@@ -1,17 +1,19 @@
-"""Gradients without autograd's graph, for models whose layers form one line from a single input
-to a single output (MLPs, autoencoders), maybe with L1/L2 penalties on their weights.
+"""Gradients without autograd's graph of the whole model, for the models tabular training mostly
+sees: any graph of layers (MLPs, autoencoders, several inputs and outputs), maybe with L1/L2
+penalties on its weights.
 
-Its step is each layer's forward kernel (and each dropout's noise), the loss and its gradient,
-then each layer's backward kernel (and each noise's product), last first: the calls autograd makes for
-that model, with the same arguments in the same order, so the gradients are the same, bit for
-bit (tests/test_direct.py). What is left out is autograd's own cost per step (recording the
-graph, running its nodes, accumulating gradients), a third of a tabular MLP's step on the CPU.
+Its step is each layer's forward kernel (and each dropout's noise), each output's loss and its
+gradient, then each layer's backward kernel (and each noise's product), last first: the calls
+autograd makes for that model, with the same arguments in the same order, and a value read by
+several layers sums their gradients in autograd's order, so the gradients are the same, bit for
+bit (tests/test_direct.py). What is left out is autograd's own cost per step (recording the graph,
+running its nodes, accumulating gradients), a third of a tabular MLP's step on the CPU.
 Fused dense chains, batch normalization and dropout run their kernels directly; any other layer
-(layer normalization, alpha dropout, a standalone activation, ...) is called as it is and
-differentiated by autograd on its own. Sparse categorical cross-entropy from logits, the
+(layer normalization, alpha dropout, a standalone activation, a concatenation, ...) is called as it
+is and differentiated by autograd on its own. Sparse categorical cross-entropy from logits, the
 classifier's loss, comes with its gradient from one kernel; any other loss is differentiated by
 autograd on its own, and the weights' L1/L2 penalties by their formula, in autograd's arithmetic.
-Models with several inputs or outputs, layers of several inputs or activity penalties, and every
+Models with activity penalties or a layer reading an output after its head's activation, and every
 model on the GPU or under torchrun, train through autograd.
 """
 
@@ -31,13 +33,16 @@ from densepipe.nn.model import DenseModel, Head, l1_l2_grad
 _ops = torch.ops.densepipe
 
 
+_below_autograd = torch._C._AutoDispatchBelowAutograd  # the kernels themselves: no graph is recorded
+
+
 def loss_and_grad(head: Head, raw: Tensor, target: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's loss and the gradient of sum(coef * loss) with respect to raw, computed as
     autograd's backward from the Trainer's loss total computes it (coef: the total's chain rule
     up to the rows, a scalar or one value per row)."""
     if head.loss == "sparse_categorical_crossentropy" and uses_logits(head.loss_params.get("from_logits")):
         # The kernel that nn/losses.py computes this loss with returns its gradient too.
-        with torch._C._AutoDispatchBelowAutograd():
+        with _below_autograd():
             loss, grad = _ops.softmax_cross_entropy(raw, target.reshape(-1).long())
         return loss, grad.mul_(coef.unsqueeze(1) if coef.dim() else coef)
     raw = raw.detach().requires_grad_()  # every other loss: autograd over the loss alone
@@ -47,7 +52,11 @@ def loss_and_grad(head: Head, raw: Tensor, target: Tensor, coef: Tensor) -> tupl
     return loss.detach(), grad
 
 
-_below_autograd = torch._C._AutoDispatchBelowAutograd  # the kernels themselves: no graph is recorded
+# Each segment (one node of the model's graph, or a chain of fused dense nodes) has: trainable
+# (whether any of its parameters trains); usable() (whether its kernels may run now, without its
+# own call); forward(xs, need) -> (output, kept), from its inputs and which of them need a gradient;
+# backward(kept, g, need) -> one gradient per input (None where not needed), setting its
+# parameters' .grad from g, the gradient of its output.
 
 
 @dataclass
@@ -68,7 +77,8 @@ class _Chain:
     def usable(self) -> bool:
         return all(m.chainable() for m in self.layers)
 
-    def forward(self, h: Tensor, need_x: bool):
+    def forward(self, xs: list[Tensor], need: list[bool]):
+        (h,) = xs
         empty = h.new_empty(0)  # the op's "no bias"
         weights = [m.weight for m in self.layers]
         biases = [empty if m.bias is None else m.bias for m in self.layers]
@@ -76,17 +86,16 @@ class _Chain:
             y, hidden, preacts = _ops.dense_chain_forward(h, weights, biases, self.activations, self.alphas)
         return y, (h, y, hidden, preacts, weights, biases)
 
-    def backward(self, kept, g: Tensor, need_x: bool) -> Tensor | None:
+    def backward(self, kept, g: Tensor, need: list[bool]) -> list[Tensor | None]:
         x, y, hidden, preacts, weights, biases = kept
+        (need_x,) = need
         need_w = [w.requires_grad for w in weights]
         need_b = [b.requires_grad for b in biases]  # False for the empty stand-in of no bias
-        if not (need_x or any(need_w) or any(need_b)):
-            return None
         with _below_autograd():
             dx, dws, dbs = _ops.dense_chain_backward(g, x, hidden, y, weights, preacts, self.activations,
                                                      self.alphas, need_w, need_b, need_x)
         _set_grads(weights + biases, dws + dbs, need_w + need_b)
-        return dx if need_x else None
+        return [dx if need_x else None]
 
 
 @dataclass
@@ -105,8 +114,8 @@ class _Norm:
     def usable(self) -> bool:
         return not expects_own_call(self.layer)
 
-    def forward(self, h: Tensor, need_x: bool):
-        bn = self.layer
+    def forward(self, xs: list[Tensor], need: list[bool]):
+        bn, (h,) = self.layer, xs
         with _below_autograd():
             # What torch.batch_norm runs in training without running statistics.
             y, mean, invstd = torch.ops.aten.native_batch_norm(h, bn.weight, bn.bias, None, None, True, 0.0,
@@ -114,16 +123,14 @@ class _Norm:
         bn.track(h)
         return y, (h, mean, invstd)
 
-    def backward(self, kept, g: Tensor, need_x: bool) -> Tensor | None:
+    def backward(self, kept, g: Tensor, need: list[bool]) -> list[Tensor | None]:
         bn, (x, mean, invstd) = self.layer, kept
-        need = [need_x, bn.weight.requires_grad, bn.bias.requires_grad]
-        if not any(need):
-            return None
+        wanted = [need[0], bn.weight.requires_grad, bn.bias.requires_grad]
         with _below_autograd():
             dx, dw, db = torch.ops.aten.native_batch_norm_backward(g, x, bn.weight, None, None, mean, invstd,
-                                                                   True, bn.eps, need)
-        _set_grads([bn.weight, bn.bias], [dw, db], need[1:])
-        return dx if need_x else None
+                                                                   True, bn.eps, wanted)
+        _set_grads([bn.weight, bn.bias], [dw, db], wanted[1:])
+        return [dx if need[0] else None]
 
 
 @dataclass
@@ -139,21 +146,22 @@ class _Noise:
     def usable(self) -> bool:
         return not expects_own_call(self.layer)
 
-    def forward(self, h: Tensor, need_x: bool):
+    def forward(self, xs: list[Tensor], need: list[bool]):
+        (h,) = xs
         with _below_autograd():
             noise = self.layer.multiplier(h)
             return (h if noise is None else h * noise), noise
 
-    def backward(self, noise, g: Tensor, need_x: bool) -> Tensor | None:
-        return None if not need_x else g if noise is None else g * noise
+    def backward(self, noise, g: Tensor, need: list[bool]) -> list[Tensor | None]:
+        return [None if not need[0] else g if noise is None else g * noise]
 
 
 @dataclass
 class _Local:
-    """Any other layer of one input (layer normalization, alpha dropout, additive noise, a
-    standalone activation, a dense layer on torch's reference ops): called as it is, its forward
-    recorded by autograd on its own, and that small graph run backward. These are the nodes the
-    whole model's graph would run for it, and its hooks see its call."""
+    """Any other layer (layer normalization, alpha dropout, additive noise, a standalone activation,
+    a dense layer on torch's reference ops, a concatenation or merge of several inputs): called as it
+    is, its forward recorded by autograd on its own, and that small graph run backward. These are the
+    nodes the whole model's graph would run for it, and its hooks see its call."""
     layer: nn.Module
 
     @property
@@ -163,20 +171,20 @@ class _Local:
     def usable(self) -> bool:
         return True
 
-    def forward(self, h: Tensor, need_x: bool):
-        x = h.detach().requires_grad_() if need_x else h
+    def forward(self, xs: list[Tensor], need: list[bool]):
+        xs = [x.detach().requires_grad_() if n else x for x, n in zip(xs, need, strict=True)]
         with torch.enable_grad():
-            y = self.layer(x)
-        return y, (x, y)
+            y = self.layer(*xs)
+        return y, (xs, y)
 
-    def backward(self, kept, g: Tensor, need_x: bool) -> Tensor | None:
-        x, y = kept
+    def backward(self, kept, g: Tensor, need: list[bool]) -> list[Tensor | None]:
+        xs, y = kept
         params = [p for p in self.layer.parameters() if p.requires_grad]
-        if not y.requires_grad:  # neither its input nor its parameters need a gradient
-            return None
-        grads = torch.autograd.grad(y, [x, *params] if need_x else params, g, materialize_grads=True)
-        _set_grads(params, grads[need_x:], [True] * len(params))
-        return grads[0] if need_x else None
+        wanted = [x for x, n in zip(xs, need, strict=True) if n]
+        grads = iter(torch.autograd.grad(y, wanted + params, g, materialize_grads=True))
+        dxs = [next(grads) if n else None for n in need]
+        _set_grads(params, list(grads), [True] * len(params))
+        return dxs
 
 
 def _set_grads(params: list[Tensor], grads: list[Tensor], wanted: list[bool]) -> None:
@@ -185,81 +193,85 @@ def _set_grads(params: list[Tensor], grads: list[Tensor], wanted: list[bool]) ->
             p.grad = d
 
 
-_Segment = _Chain | _Norm | _Noise | _Local  # each: trainable, usable(), forward(h, need_x) -> (y, kept),
-                                             # backward(kept, g, need_x) -> input's gradient or None
+_Segment = _Chain | _Norm | _Noise | _Local
 
 
 def _segment(layer: nn.Module) -> _Segment:
-    """The segment running a layer of one input: one that runs its kernels without autograd where
-    there is one for its kind, else a _Local."""
+    """The segment running one layer: one that runs its kernels without autograd where there is one
+    for its kind, else a _Local."""
     return next((kind for kind in (_Noise, _Norm) if kind.takes(layer)), _Local)(layer)
 
 
-class DirectStep:
-    """The segments (input first) and head of a model that qualifies."""
+@dataclass
+class _Node:
+    """A segment where it sits in the graph: the names it reads and the name it writes."""
+    segment: _Segment
+    inputs: list[str]
+    output: str
 
-    def __init__(self, model: DenseModel, input_name: str, output_name: str,
-                 segments: list[_Segment]):
-        self.model, self.input, self.output, self.segments = model, input_name, output_name, segments
-        self.head = model.heads[output_name]
+
+class DirectStep:
+    """The model's graph as segments in the order its forward runs them."""
+
+    def __init__(self, model: DenseModel, nodes: list[_Node]):
+        self.model, self.nodes = model, nodes
 
     @classmethod
     def build(cls, model: DenseModel, device: torch.device, world: int) -> DirectStep | None:
         """A DirectStep for the model, or None where autograd has to do the work: several
-        processes (DDP's gradient hooks), a device this path has not been measured on, several
-        inputs or outputs, layers that do not follow each other in one line (a layer of several
-        inputs), penalties on activity."""
-        if world > 1 or device.type != "cpu" or len(model.input_widths) != 1 or len(model.heads) != 1:
+        processes (DDP's gradient hooks), a device this path has not been measured on, penalties on
+        activity, an output whose head activation other layers read."""
+        if world > 1 or device.type != "cpu" or model.has_activity or model.reads_activated_outputs:
             return None
-        (output, head), = model.heads.items()
-        if model.has_activity:
-            return None
-        (input_name,) = model.input_widths
-        source, segments = input_name, []
+        nodes = []
         for run in model.runs:
             layers = [model.layers[node.name] for node in run]
-            if run[0].inputs != [source]:  # each run reads the one before it: a line
-                return None
-            if all(isinstance(m, FusedDense) and m.chains for m in layers):
-                segments.append(_Chain.of(layers))
-            else:  # a run of several is a line of layers of one input each
-                segments += [_segment(m) for m in layers]
-            source = run[-1].name
-        if source != head.node:
-            return None
-        return cls(model, input_name, output, segments)
+            if all(isinstance(m, FusedDense) and m.chains for m in layers):  # a run reads one input
+                nodes.append(_Node(_Chain.of(layers), run[0].inputs, run[-1].name))
+            else:
+                nodes += [_Node(_segment(m), node.inputs, node.name) for node, m in zip(run, layers, strict=True)]
+        return cls(model, nodes)
 
     def usable(self) -> bool:
         """Whether it may run now: nothing expects the model's own call, or the call of a layer whose
         kernels run directly (hooks)."""
         m = self.model
         hooked = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        return not hooked and all(seg.usable() for seg in self.segments)
+        return not hooked and all(node.segment.usable() for node in self.nodes)
 
-    def grads(self, inputs: dict[str, Tensor], target: Tensor, seed: Tensor,
-              row_weight: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
-        """Sets every trainable parameter's .grad to the gradient of seed * head weight * sum of
-        row_weight * loss over the rows, as backward(seed) of the Trainer's loss total does.
-        Returns the raw outputs (name -> logits) and each row's loss."""
-        need_x, trains = [], False  # a segment's input needs a gradient when a segment before it trains
-        for seg in self.segments:
-            need_x.append(trains)
-            trains = trains or seg.trainable
-        h, saved = inputs[self.input], []  # saved: per segment, what its backward needs
-        for seg, need in zip(self.segments, need_x, strict=True):
-            h, kept = seg.forward(h, need)
+    def grads(self, inputs: dict[str, Tensor], targets: dict[str, Tensor], seed: Tensor,
+              row_weights: dict[str, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Sets every trainable parameter's .grad to the gradient of seed * the sum over outputs of
+        head weight * sum of row weight * loss over the rows, as backward(seed) of the Trainer's
+        loss total does. Returns the raw outputs and each row's loss, per output name."""
+        trains = dict.fromkeys(inputs, False)  # per name: whether anything that made it trains
+        env, saved, needs = dict(inputs), [], []
+        for node in self.nodes:
+            need = [trains[i] for i in node.inputs]  # the inputs that need a gradient
+            trains[node.output] = any(need) or node.segment.trainable
+            env[node.output], kept = node.segment.forward([env[i] for i in node.inputs], need)
             saved.append(kept)
-        h = h.detach()  # the raw output, kept for the metrics; a _Local last layer recorded a graph
-        # The total's chain rule down to the rows, in autograd's order: seed, head weight, row weight.
-        coef = seed if self.head.weight == 1.0 else seed * self.head.weight
-        if row_weight is not None:
-            coef = coef * row_weight
-        loss, g = loss_and_grad(self.head, h, target, coef)
-        for seg, kept, need in reversed(list(zip(self.segments, saved, need_x, strict=True))):
-            g = seg.backward(kept, g, need)
-            if g is None:  # nothing further back trains
-                break
-        return {self.output: h}, loss
+            needs.append(need)
+        heads = self.model.heads
+        raw = {name: env[head.node].detach() for name, head in heads.items()}
+        losses, pending = {}, {}  # pending: per name, the gradient of its value so far
+        # Autograd runs nodes last recorded first: the losses (last output first), then the layers from
+        # the last; a value read several times sums its gradients in that order.
+        for name, head in reversed(heads.items()):
+            # The total's chain rule down to the rows, in autograd's order: seed, head weight, row weight.
+            coef = seed if head.weight == 1.0 else seed * head.weight
+            if row_weights[name] is not None:
+                coef = coef * row_weights[name]
+            losses[name], g = loss_and_grad(head, raw[name], targets[head.target], coef)
+            _add(pending, head.node, g)
+        for node, kept, need in zip(reversed(self.nodes), reversed(saved), reversed(needs), strict=True):
+            g = pending.pop(node.output, None)
+            if g is None or not (node.segment.trainable or any(need)):  # nothing it made needs a gradient
+                continue
+            for name, dx in zip(node.inputs, node.segment.backward(kept, g, need), strict=True):
+                if dx is not None:
+                    _add(pending, name, dx)
+        return raw, {name: losses[name] for name in heads}
 
     def penalty_grads(self) -> Tensor | None:
         """Adds the gradient of the weights' L1/L2 penalties to their .grad, set by grads(), and
@@ -274,3 +286,8 @@ class DirectStep:
                     g = l1_l2_grad(w, l1, l2)
                     w.grad = g if w.grad is None else w.grad + g
             return self.model.penalty()
+
+
+def _add(pending: dict[str, Tensor], name: str, g: Tensor) -> None:
+    """Adds g to the gradient gathered for name, as autograd's input buffers add what arrives."""
+    pending[name] = g if name not in pending else pending[name] + g

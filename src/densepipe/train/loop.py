@@ -249,10 +249,9 @@ class Trainer:
             scale = self.dist.world / rows
             self.optimizer.zero_grad()
             if direct is not None:  # the same gradients, without autograd (see train/direct.py)
-                row_weight = self._row_weights(direct.head, yb)
-                raw, per_sample = direct.grads(xb, yb[direct.head.target], seed_of(scale, xb[direct.input]),
-                                               row_weight)
-                total, parts = self._totals({direct.output: per_sample}, {direct.output: row_weight})
+                row_weights = {name: self._row_weights(head, yb) for name, head in self.model.heads.items()}
+                raw, per_sample = direct.grads(xb, yb, seed_of(scale, next(iter(xb.values()))), row_weights)
+                total, parts = self._totals(per_sample, row_weights)
                 penalty = direct.penalty_grads()
             else:
                 raw = self.net(xb)  # a rank with no rows in this step still runs it: DDP needs every rank
