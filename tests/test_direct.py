@@ -134,13 +134,14 @@ CASES = {
     "reference kernels, dropout, batchnorm": dict(
         layers=[MLP[0], {"type": "dropout", "rate": 0.2}, MLP[1], {"type": "batchnorm"}, MLP[2]],
         kernels="reference"),
-    "two inputs, two outputs on one trunk": dict(
+    "two inputs, two outputs on one trunk, class weights": dict(
         task="graph", inputs={"a": {}, "b": {}},
         layers=[{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
                 {**MLP[0], "inputs": ["both"], "name": "trunk"},
                 {"type": "dense", "units": "auto", "activation": "auto", "inputs": ["trunk"], "name": "cls"},
                 {"type": "dense", "units": "auto", "inputs": ["trunk"], "name": "size"}],
-        outputs={"cls": {"target": "target"}, "size": {"target": "size", "weight": 0.5}}),
+        outputs={"cls": {"target": "target"}, "size": {"target": "size", "weight": 0.5}},
+        class_weights={"target": torch.tensor([0.5, 2.0, 1.0, 3.0])}),
     "a layer read three times, an input read twice": dict(
         task="graph", inputs={"a": {}, "b": {}},
         layers=[{"type": "concatenate", "inputs": ["a", "b"], "name": "both"},
