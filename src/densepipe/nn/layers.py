@@ -6,6 +6,7 @@ context (kernel choice, init generator, the width an `auto` output needs).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,13 +118,14 @@ def build_prelu(cfg, widths, ctx):
     return layer, width
 
 
-class MultiplicativeNoise(nn.Module):
+class MultiplicativeNoise(nn.Module, abc.ABC):
     """A layer that, while training, multiplies its input by noise it draws, `multiplier(x)`
     (None: the identity). Training without autograd's graph (train/direct.py) multiplies by the
     same tensor and backpropagates through it."""
 
+    @abc.abstractmethod
     def multiplier(self, x: Tensor) -> Tensor | None:
-        raise NotImplementedError
+        """The tensor training multiplies x by; None where it leaves x as it is."""
 
     def forward(self, x: Tensor) -> Tensor:
         noise = self.multiplier(x)
