@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from densepipe import ops  # noqa: F401  (loads the extension: registers torch.ops.densepipe)
+from densepipe import ops
 from densepipe.nn.dense import FusedDense, expects_own_call
 from densepipe.nn.layers import BatchNorm, MultiplicativeNoise
 from densepipe.nn.losses import LOSSES, uses_logits
@@ -43,7 +43,7 @@ def loss_and_grad(head: Head, raw: Tensor, target: Tensor, coef: Tensor) -> tupl
     if head.loss == "sparse_categorical_crossentropy" and uses_logits(head.loss_params.get("from_logits")):
         # The kernel that nn/losses.py computes this loss with returns its gradient too.
         with _below_autograd():
-            loss, grad = _ops.softmax_cross_entropy(raw, target.reshape(-1).long())
+            loss, grad = ops.softmax_cross_entropy(raw, target.reshape(-1).long())
         return loss, grad.mul_(coef.unsqueeze(1) if coef.dim() else coef)
     raw = raw.detach().requires_grad_()  # every other loss: autograd over the loss alone
     with torch.enable_grad():
@@ -235,9 +235,7 @@ class DirectStep:
     def usable(self) -> bool:
         """Whether it may run now: nothing expects the model's own call, or the call of a layer whose
         kernels run directly (hooks)."""
-        m = self.model
-        hooked = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        return not hooked and all(node.segment.usable() for node in self.nodes)
+        return not expects_own_call(self.model) and all(node.segment.usable() for node in self.nodes)
 
     def grads(self, inputs: dict[str, Tensor], targets: dict[str, Tensor], seed: Tensor,
               row_weights: dict[str, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

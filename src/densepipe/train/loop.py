@@ -24,7 +24,6 @@ from torch import Tensor
 from densepipe.config import ConfigError
 from densepipe.metrics import METRICS
 from densepipe.nn.losses import LOSSES, weighted_sum
-from densepipe.nn.model import Head
 from densepipe.registry import did_you_mean
 from densepipe.train import distributed
 from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
@@ -173,8 +172,7 @@ class Trainer:
         weighted: with the class weights, which (as Keras') shape training only."""
         per_sample = {name: LOSSES[head.loss](raw[name], targets[head.target], head.activation, **head.loss_params)
                       for name, head in self.model.heads.items()}
-        weights = {name: self._row_weights(head, targets) if weighted else None
-                   for name, head in self.model.heads.items()}
+        weights = self._row_weights(targets) if weighted else dict.fromkeys(self.model.heads)
         return self._totals(per_sample, weights)
 
     def _totals(self, per_sample: dict[str, Tensor],
@@ -190,10 +188,13 @@ class Trainer:
             total = total + self.model.activity
         return total, parts
 
-    def _row_weights(self, head: Head, targets: dict[str, Tensor]) -> Tensor | None:
-        """Each row's class weight for the head's loss; None without class weights."""
-        table = self.class_weights.get(head.target)
-        return table[targets[head.target].reshape(-1).long()] if table is not None else None
+    def _row_weights(self, targets: dict[str, Tensor]) -> dict[str, Tensor | None]:
+        """Per output, each row's class weight for its loss; None without class weights."""
+        weights = {}
+        for name, head in self.model.heads.items():
+            table = self.class_weights.get(head.target)
+            weights[name] = None if table is None else table[targets[head.target].reshape(-1).long()]
+        return weights
 
     def _metric_stats(self, raw, targets) -> list[Tensor]:
         out = []
@@ -249,7 +250,7 @@ class Trainer:
             scale = self.dist.world / rows
             self.optimizer.zero_grad()
             if direct is not None:  # the same gradients, without autograd (see train/direct.py)
-                row_weights = {name: self._row_weights(head, yb) for name, head in self.model.heads.items()}
+                row_weights = self._row_weights(yb)
                 raw, per_sample = direct.grads(xb, yb, seed_of(scale, next(iter(xb.values()))), row_weights)
                 total, parts = self._totals(per_sample, row_weights)
                 penalty = direct.penalty_grads()
