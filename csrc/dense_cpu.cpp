@@ -19,6 +19,17 @@ constexpr int64_t kGrain = 16384;  // elements per task: big enough to amortize 
 
 int64_t rows_per_task(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)); }
 
+// dx = g W and dW = g^T x need nothing from each other. A small product splits poorly
+// over threads (128 rows on 2 cores: 1.3x, not 2x), so up to this size (m * n * k) the
+// two run side by side, one thread each, rather than one after the other on all. Which
+// way they run depends only on the sizes and the thread count, so results stay the
+// same from run to run for a given thread count.
+constexpr int64_t kSideBySideMaxWork = int64_t{1} << 24;
+
+bool side_by_side(int64_t work) {
+  return work <= kSideBySideMaxWork && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+
 // One row of the forward epilogue: v = z + bias; y = f(v). z keeps v only when the
 // backward pass needs the pre-activation (then y is a separate buffer).
 template <Act A, bool HasBias, typename T>
@@ -151,9 +162,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
       });
     });
   }
-  at::Tensor dx = output_mask[0] ? gemm(g, weight).view(x.sizes()) : at::empty({0}, x.options());
-  at::Tensor dw = output_mask[1] ? gemm(g.t(), x.reshape({a.rows, a.in_feat}))
-                                 : at::empty({0}, x.options());
+  at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options());
+  auto product_dx = [&] { dx = gemm(g, weight).view(x.sizes()); };
+  auto product_dw = [&] { dw = gemm(g.t(), x.reshape({a.rows, a.in_feat})); };
+  if (output_mask[0] && output_mask[1] && side_by_side(a.rows * a.out_feat * a.in_feat)) {
+    at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) i == 0 ? product_dx() : product_dw();
+    });
+  } else {
+    if (output_mask[0]) product_dx();
+    if (output_mask[1]) product_dw();
+  }
   return {dx, dw, db};
 }
 

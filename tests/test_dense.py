@@ -132,6 +132,24 @@ def test_gemm_backend_switch(enabled):
         _check("cpu", torch.float32, "gelu", 0.0, (320,), 130, 129, True, "transposed")
 
 
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test and puts the old one back."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("lead,k,n", [((128,), 256, 128), ((640,), 160, 200)], ids=["side-by-side", "in-turn"])
+def test_backward_on_several_threads(threads, count, lead, k, n):
+    # With threads to spare, a small product's dx and dW run at once, one thread each; a large one's
+    # run in turn on all threads. Either way each matches the reference.
+    threads(count)
+    _check("cpu", torch.float32, "relu", 0.0, lead, k, n, True)
+    _check("cpu", torch.float64, "tanh", 0.0, lead, k, n, False, "transposed")
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 70), k=st.integers(1, 70), n=st.integers(1, 70), bias=st.booleans(),
