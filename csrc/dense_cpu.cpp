@@ -19,15 +19,16 @@ constexpr int64_t kGrain = 16384;  // elements per task: big enough to amortize 
 
 int64_t rows_per_task(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)); }
 
-// dx = g W and dW = g^T x need nothing from each other. A small product splits poorly
-// over threads (128 rows on 2 cores: 1.3x, not 2x), so up to this size (m * n * k) the
-// two run side by side, one thread each, rather than one after the other on all. Which
-// way they run depends only on the sizes and the thread count, so results stay the
-// same from run to run for a given thread count.
+// dx = g W and dW = g^T x need nothing from each other. On 2 threads a small product
+// splits poorly (128 rows: 1.3x, not 2x), so up to this size (m * n * k) the two run
+// side by side, one thread each, rather than one after the other on both. Measured on
+// 2 cores only: with more threads a product's own split may well gain more than 2x, so
+// there they keep running in turn. Which way they run depends only on the sizes and
+// the thread count, so results stay the same from run to run for a given thread count.
 constexpr int64_t kSideBySideMaxWork = int64_t{1} << 24;
 
 bool side_by_side(int64_t work) {
-  return work <= kSideBySideMaxWork && at::get_num_threads() > 1 && !at::in_parallel_region();
+  return work <= kSideBySideMaxWork && at::get_num_threads() == 2 && !at::in_parallel_region();
 }
 
 // One row of the forward epilogue: v = z + bias; y = f(v). z keeps v only when the

@@ -143,8 +143,8 @@ def threads():
 @pytest.mark.parametrize("count", [1, 2, 3])
 @pytest.mark.parametrize("lead,k,n", [((128,), 256, 128), ((640,), 160, 200)], ids=["side-by-side", "in-turn"])
 def test_backward_on_several_threads(threads, count, lead, k, n):
-    # With threads to spare, a small product's dx and dW run at once, one thread each; a large one's
-    # run in turn on all threads. Either way each matches the reference.
+    # On two threads a small product's dx and dW run at once, one thread each; a large one's, or any
+    # on one or three threads, run in turn on all of them. Either way each matches the reference.
     threads(count)
     _check("cpu", torch.float32, "relu", 0.0, lead, k, n, True)
     _check("cpu", torch.float64, "tanh", 0.0, lead, k, n, False, "transposed")
