@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
       });
     });
   }
-  at::Tensor dx = at::empty({0}, x.options()), dw = at::empty({0}, x.options());
+  at::Tensor dx, dw;  // left undefined where not wanted, and returned empty
   auto product_dx = [&] { dx = gemm(g, weight).view(x.sizes()); };
   auto product_dw = [&] { dw = gemm(g.t(), x.reshape({a.rows, a.in_feat})); };
   if (output_mask[0] && output_mask[1] && side_by_side(a.rows * a.out_feat * a.in_feat)) {
@@ -174,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
     if (output_mask[0]) product_dx();
     if (output_mask[1]) product_dw();
   }
-  return {dx, dw, db};
+  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, x.options()); };
+  return {or_empty(dx), or_empty(dw), db};
 }
 
 }  // namespace
