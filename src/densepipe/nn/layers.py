@@ -127,9 +127,13 @@ class MultiplicativeNoise(nn.Module, abc.ABC):
     def multiplier(self, x: Tensor) -> Tensor | None:
         """The tensor training multiplies x by; None where it leaves x as it is."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def noised(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x times the noise drawn for it, and that noise (None: x is returned as it is)."""
         noise = self.multiplier(x)
-        return x if noise is None else x * noise
+        return (x if noise is None else x * noise), noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.noised(x)[0]
 
 
 class Dropout(MultiplicativeNoise, nn.Dropout):

@@ -149,8 +149,7 @@ class _Noise:
     def forward(self, xs: list[Tensor], need: list[bool]):
         (h,) = xs
         with _below_autograd():
-            noise = self.layer.multiplier(h)
-            return (h if noise is None else h * noise), noise
+            return self.layer.noised(h)
 
     def backward(self, noise, g: Tensor, need: list[bool]) -> list[Tensor | None]:
         return [None if not need[0] else g if noise is None else g * noise]
