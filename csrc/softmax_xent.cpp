@@ -8,12 +8,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
+
+#include "vec_math.h"
 
 namespace densepipe {
 
@@ -34,25 +38,43 @@ void check_inputs(const Tensor& logits, const Tensor& target) {
               target.device(), " but logits are on ", logits.device());
 }
 
+// One row: e = exp(z - max z) into grad, then grad = e / sum(e) - onehot(t) and the loss
+// max z + log(sum(e)) - z[t]. Vectorized: a scalar exp per logit made this op cost 7x torch's
+// cross_entropy at 100 classes. Each lane sums its own share of the terms.
+template <typename T>
+inline void softmax_xent_row(const T* z, int64_t t, T* loss, T* grad, int64_t classes) {
+  using V = at::vec::Vectorized<T>;
+  const V lowest(-std::numeric_limits<T>::infinity()), zero(T(0));
+  V top_v = lowest;  // a NaN logit propagates through maximum, exp and the sum: the loss is NaN
+  for (int64_t c = 0; c < classes; c += V::size()) {
+    const int64_t w = std::min<int64_t>(V::size(), classes - c);
+    top_v = at::vec::maximum(top_v, V::set(lowest, V::loadu(z + c, w), w));
+  }
+  const T top = at::vec::vec_reduce_all<T>([](V a, V b) { return at::vec::maximum(a, b); }, top_v);
+  V sum_v = zero;
+  for (int64_t c = 0; c < classes; c += V::size()) {
+    const int64_t w = std::min<int64_t>(V::size(), classes - c);
+    const V e = cpu::vmath::exp(V::loadu(z + c, w) - V(top));
+    e.store(grad + c, w);
+    sum_v = sum_v + V::set(zero, e, w);
+  }
+  const double sum = at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, sum_v);
+  const V inv(static_cast<T>(1.0 / sum));
+  for (int64_t c = 0; c < classes; c += V::size()) {
+    const int64_t w = std::min<int64_t>(V::size(), classes - c);
+    (V::loadu(grad + c, w) * inv).store(grad + c, w);
+  }
+  grad[t] -= T(1);
+  *loss = static_cast<T>(static_cast<double>(top) + std::log(sum) - static_cast<double>(z[t]));
+}
+
 template <typename T>
 void softmax_xent_rows(const T* z, const int64_t* target, T* loss, T* grad, int64_t rows, int64_t classes) {
   // A few hundred logits per task: below that a thread's wake-up costs more than the rows.
   const int64_t grain = std::max<int64_t>(1, 4096 / classes);
   at::parallel_for(0, rows, grain, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* zr = z + r * classes;
-      T* gr = grad + r * classes;
-      const T top = *std::max_element(zr, zr + classes);
-      double sum = 0.0;  // in double: a wide row of small terms keeps its precision
-      for (int64_t c = 0; c < classes; ++c) {
-        gr[c] = std::exp(zr[c] - top);
-        sum += gr[c];
-      }
-      const T inv = static_cast<T>(1.0 / sum);
-      for (int64_t c = 0; c < classes; ++c) gr[c] *= inv;
-      const int64_t t = target[r];
-      gr[t] -= T(1);
-      loss[r] = static_cast<T>(static_cast<double>(top) + std::log(sum) - static_cast<double>(zr[t]));
+      softmax_xent_row(z + r * classes, target[r], loss + r, grad + r * classes, classes);
     }
   });
 }
