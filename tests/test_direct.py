@@ -184,7 +184,7 @@ def test_frozen_parameters_are_left_without_gradient():
     step = DirectStep.build(model, torch.device("cpu"), world=1)
     frozen = model.layers["dense_1"].weight.requires_grad_(False)
     seed = torch.tensor(1.0 / ROWS)
-    step.grads(data.inputs, data.targets, seed, dict.fromkeys(model.heads))
+    step.plan().grads(data.inputs, data.targets, seed, dict.fromkeys(model.heads))
     assert frozen.grad is None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 

@@ -19,7 +19,7 @@ model on the GPU or under torchrun, train through autograd.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,8 @@ def loss_and_grad(head: Head, raw: Tensor, target: Tensor, coef: Tensor) -> tupl
 
 # Each segment (one node of the model's graph, or a chain of fused dense nodes) has: trainable
 # (whether any of its parameters trains); usable() (whether its kernels may run now, without its
-# own call); forward(xs, need) -> (output, kept), from its inputs and which of them need a gradient;
+# own call); bind() (takes what its steps read of its layers, once per epoch: see DirectStep.plan);
+# forward(xs, need) -> (output, kept), from its inputs and which of them need a gradient;
 # backward(kept, g, need) -> one gradient per input (None where not needed), setting its
 # parameters' .grad from g, the gradient of its output.
 
@@ -65,6 +66,12 @@ class _Chain:
     layers: list[FusedDense]
     activations: list[str]
     alphas: list[float]
+    # Set by bind(): the layers' parameters and which of them train. Module attribute lookups cost
+    # about half a microsecond each, which a small model's step would pay a dozen times over.
+    weights: list[Tensor] = field(init=False, default_factory=list)
+    biases: list[Tensor] = field(init=False, default_factory=list)  # an empty tensor for no bias
+    need_w: list[bool] = field(init=False, default_factory=list)
+    need_b: list[bool] = field(init=False, default_factory=list)
 
     @classmethod
     def of(cls, layers: list[FusedDense]) -> _Chain:
@@ -77,24 +84,27 @@ class _Chain:
     def usable(self) -> bool:
         return all(m.chainable() for m in self.layers)
 
+    def bind(self) -> None:
+        self.weights = [m.weight for m in self.layers]
+        empty = self.weights[0].new_empty(0)  # the op's "no bias"
+        self.biases = [empty if m.bias is None else m.bias for m in self.layers]
+        self.need_w = [w.requires_grad for w in self.weights]
+        self.need_b = [b.requires_grad for b in self.biases]  # False for the empty stand-in
+
     def forward(self, xs: list[Tensor], need: list[bool]):
         (h,) = xs
-        empty = h.new_empty(0)  # the op's "no bias"
-        weights = [m.weight for m in self.layers]
-        biases = [empty if m.bias is None else m.bias for m in self.layers]
         with _below_autograd():
-            y, hidden, preacts = _ops.dense_chain_forward(h, weights, biases, self.activations, self.alphas)
-        return y, (h, y, hidden, preacts, weights, biases)
+            y, hidden, preacts = _ops.dense_chain_forward(h, self.weights, self.biases, self.activations,
+                                                          self.alphas)
+        return y, (h, y, hidden, preacts)
 
     def backward(self, kept, g: Tensor, need: list[bool]) -> list[Tensor | None]:
-        x, y, hidden, preacts, weights, biases = kept
+        x, y, hidden, preacts = kept
         (need_x,) = need
-        need_w = [w.requires_grad for w in weights]
-        need_b = [b.requires_grad for b in biases]  # False for the empty stand-in of no bias
         with _below_autograd():
-            dx, dws, dbs = _ops.dense_chain_backward(g, x, hidden, y, weights, preacts, self.activations,
-                                                     self.alphas, need_w, need_b, need_x)
-        _set_grads(weights + biases, dws + dbs, need_w + need_b)
+            dx, dws, dbs = _ops.dense_chain_backward(g, x, hidden, y, self.weights, preacts, self.activations,
+                                                     self.alphas, self.need_w, self.need_b, need_x)
+        _set_grads(self.weights + self.biases, dws + dbs, self.need_w + self.need_b)
         return [dx if need_x else None]
 
 
@@ -113,6 +123,9 @@ class _Norm:
 
     def usable(self) -> bool:
         return not expects_own_call(self.layer)
+
+    def bind(self) -> None:
+        pass  # reads its layer at each call
 
     def forward(self, xs: list[Tensor], need: list[bool]):
         bn, (h,) = self.layer, xs
@@ -146,6 +159,9 @@ class _Noise:
     def usable(self) -> bool:
         return not expects_own_call(self.layer)
 
+    def bind(self) -> None:
+        pass  # reads its layer at each call
+
     def forward(self, xs: list[Tensor], need: list[bool]):
         (h,) = xs
         with _below_autograd():
@@ -169,6 +185,9 @@ class _Local:
 
     def usable(self) -> bool:
         return True
+
+    def bind(self) -> None:
+        pass  # reads its layer at each call
 
     def forward(self, xs: list[Tensor], need: list[bool]):
         xs = [x.detach().requires_grad_() if n else x for x, n in zip(xs, need, strict=True)]
@@ -236,20 +255,47 @@ class DirectStep:
         kernels run directly (hooks)."""
         return not expects_own_call(self.model) and all(node.segment.usable() for node in self.nodes)
 
+    def plan(self) -> _Plan:
+        """The steps of one epoch. What they read of the model is taken here, once: which
+        parameters train and which values need a gradient (callbacks change them only between
+        epochs), and the chains' parameters."""
+        trains: dict[str, bool] = {}  # per name: whether anything that made it trains (inputs: no)
+        nodes = []
+        for node in self.nodes:
+            node.segment.bind()
+            need = [trains.get(i, False) for i in node.inputs]  # the inputs that need a gradient
+            trains[node.output] = any(need) or node.segment.trainable
+            nodes.append(_Planned(node.segment, node.inputs, node.output, need, trains[node.output]))
+        return _Plan(self, nodes)
+
+
+@dataclass
+class _Planned:
+    """A node as one epoch runs it: which inputs need a gradient, and whether anything it made
+    does (else backward stops there)."""
+    segment: _Segment
+    inputs: list[str]
+    output: str
+    need: list[bool]
+    trains: bool
+
+
+@dataclass
+class _Plan:
+    """One epoch's steps of a DirectStep (see DirectStep.plan)."""
+    step: DirectStep
+    nodes: list[_Planned]
+
     def grads(self, inputs: dict[str, Tensor], targets: dict[str, Tensor], seed: Tensor,
               row_weights: dict[str, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Sets every trainable parameter's .grad to the gradient of seed * the sum over outputs of
         head weight * sum of row weight * loss over the rows, as backward(seed) of the Trainer's
         loss total does. Returns the raw outputs and each row's loss, per output name."""
-        trains = dict.fromkeys(inputs, False)  # per name: whether anything that made it trains
-        env, saved, needs = dict(inputs), [], []
+        env, saved = dict(inputs), []
         for node in self.nodes:
-            need = [trains[i] for i in node.inputs]  # the inputs that need a gradient
-            trains[node.output] = any(need) or node.segment.trainable
-            env[node.output], kept = node.segment.forward([env[i] for i in node.inputs], need)
+            env[node.output], kept = node.segment.forward([env[i] for i in node.inputs], node.need)
             saved.append(kept)
-            needs.append(need)
-        heads = self.model.heads
+        heads = self.step.model.heads
         raw = {name: env[head.node].detach() for name, head in heads.items()}
         losses, pending = {}, {}  # pending: per name, the gradient of its value so far
         # Autograd runs nodes last recorded first: the losses (last output first), then the layers from
@@ -261,28 +307,28 @@ class DirectStep:
                 coef = coef * row_weights[name]
             losses[name], g = loss_and_grad(head, raw[name], targets[head.target], coef)
             _add(pending, head.node, g)
-        for node, kept, need in zip(reversed(self.nodes), reversed(saved), reversed(needs), strict=True):
+        for node, kept in zip(reversed(self.nodes), reversed(saved), strict=True):
             g = pending.pop(node.output, None)
-            if g is None or not (node.segment.trainable or any(need)):  # nothing it made needs a gradient
+            if g is None or not node.trains:  # nothing it made needs a gradient
                 continue
-            for name, dx in zip(node.inputs, node.segment.backward(kept, g, need), strict=True):
+            for name, dx in zip(node.inputs, node.segment.backward(kept, g, node.need), strict=True):
                 if dx is not None:
                     _add(pending, name, dx)
         return raw, {name: losses[name] for name in heads}
 
     def penalty_grads(self) -> Tensor | None:
-        """Adds the gradient of the weights' L1/L2 penalties to their .grad, set by grads(), and
-        returns the penalty (None without any). Autograd's backward of loss total + penalty sums the
-        same two terms into each weight's gradient: the penalty's (its nodes were recorded later,
-        so they run first) and the layer's."""
-        if not self.model.penalized:
+        """Adds the gradient of the weights' L1/L2 penalties to their .grad, set by a plan's grads(),
+        and returns the penalty (None without any). Autograd's backward of loss total + penalty sums
+        the same two terms into each weight's gradient: the penalty's (its nodes were recorded
+        later, so they run first) and the layer's."""
+        if not self.step.model.penalized:
             return None
         with torch.no_grad():
-            for w, l1, l2 in self.model.penalized_weights():
+            for w, l1, l2 in self.step.model.penalized_weights():
                 if w.requires_grad:
                     g = l1_l2_grad(w, l1, l2)
                     w.grad = g if w.grad is None else w.grad + g
-            return self.model.penalty()
+            return self.step.model.penalty()
 
 
 def _add(pending: dict[str, Tensor], name: str, g: Tensor) -> None:

@@ -234,7 +234,7 @@ class Trainer:
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
         reused = {b.untyped_storage().data_ptr() for b in batch.values()}
         zero = dense[0].new_zeros(()) if dense else None  # the gradient norm of a frozen layer
-        direct = self.direct if self.direct is not None and self.direct.usable() else None
+        direct = self.direct.plan() if self.direct is not None and self.direct.usable() else None
         seeds: dict[float, Tensor] = {}  # backward's seed gradient per step scale (two at most: full, last step)
 
         def seed_of(scale: float, like: Tensor) -> Tensor:
