@@ -24,11 +24,11 @@ constexpr std::array<std::pair<const char*, Act>, 11> kNames{{
 }  // namespace
 
 Act parse_activation(const std::string& name) {
-  std::string allowed;
   for (const auto& [n, a] : kNames) {
     if (name == n) return a;
-    allowed += allowed.empty() ? n : std::string(", ") + n;
   }
+  std::string allowed;  // built only for the error: every dense call parses its activation
+  for (const auto& [n, a] : kNames) allowed += allowed.empty() ? n : std::string(", ") + n;
   TORCH_CHECK(false, "densepipe dense: unknown activation '", name, "'; allowed: ", allowed);
 }
 
