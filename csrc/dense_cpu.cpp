@@ -120,7 +120,6 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
   // Bias goes into the epilogue, not addmm: addmm would first copy the broadcast bias
   // into the output and then run the GEMM with beta = 1, an extra pass over M x N.
   at::Tensor z = gemm(x2, weight.t());  // [M, N]
-  const auto shape = dense_output_shape(x, a.out_feat);
   const bool keep_z = needs_preact(a.act);
   at::Tensor y = keep_z ? at::empty_like(z) : z;
   if (a.act != Act::Linear || bias.has_value()) {
@@ -139,7 +138,11 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
       });
     });
   }
-  return {y.view(shape), keep_z ? z.view(shape) : at::empty({0}, x.options())};
+  // x's leading dimensions back; for 2-D x (every dense layer of an MLP) z already has them.
+  const auto shaped = [&](const at::Tensor& t) {
+    return x.dim() == 2 ? t : t.view(dense_output_shape(x, a.out_feat));
+  };
+  return {shaped(y), keep_z ? shaped(z) : at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
@@ -164,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
     });
   }
   at::Tensor dx, dw;  // left undefined where not wanted, and returned empty
-  auto product_dx = [&] { dx = gemm(g, weight).view(x.sizes()); };
+  auto product_dx = [&] { dx = x.dim() == 2 ? gemm(g, weight) : gemm(g, weight).view(x.sizes()); };
   auto product_dw = [&] { dw = gemm(g.t(), x.reshape({a.rows, a.in_feat})); };
   if (output_mask[0] && output_mask[1] && side_by_side(a.rows * a.out_feat * a.in_feat)) {
     at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
