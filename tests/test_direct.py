@@ -10,6 +10,7 @@ import torch
 from densepipe import config
 from densepipe.nn.layers import DROPOUTS
 from densepipe.nn.model import DataSpec, TargetSpec, build_model, l1_l2, l1_l2_grad
+from densepipe.train.callbacks import Callback
 from densepipe.train.direct import DirectStep
 from densepipe.train.loop import Split, Trainer
 
@@ -188,6 +189,37 @@ def test_frozen_parameters_are_left_without_gradient():
     assert frozen.grad is None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
+
+
+class _FreezeAfterFirstEpoch(Callback):
+    """Freezes one parameter once the first epoch ends, as user code between epochs may."""
+
+    def __init__(self, name: str):
+        super().__init__(None)
+        self.name, self.after_first = name, None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == 0:
+            param = trainer.model.get_parameter(self.name)
+            param.requires_grad_(False)
+            self.after_first = param.detach().clone()
+
+
+def test_each_epoch_plans_with_the_parameters_that_train_then():
+    data, spec = _data("multiclass", CLASSES)
+    cfg = config.parse({"model": {"layers": MLP},
+                        "train": {"epochs": 3, "batch_size": 32, "progress": "quiet",
+                                  "optimizer": {"name": "sgd", "lr": 0.1}}})
+    model = build_model(cfg.model, cfg.train, spec, seed=1)
+    trainer = Trainer(model, cfg.train, seed=1)
+    assert trainer.direct is not None
+    freeze = _FreezeAfterFirstEpoch("layers.dense_1.weight")
+    trainer.callbacks.append(freeze)
+    others = {name: p.detach().clone() for name, p in model.named_parameters() if name != freeze.name}
+    trainer.fit(data)
+    frozen = model.get_parameter(freeze.name)
+    assert frozen.grad is None and torch.equal(frozen, freeze.after_first)  # epochs 2 and 3 left it alone
+    assert all(not torch.equal(p, others[name]) for name, p in model.named_parameters() if name in others)
 
 def _model(model_cfg, task="multiclass", width=CLASSES, **train):
     _, spec = _data(task, width)
