@@ -108,8 +108,15 @@ class _Chain:
         return [dx if need_x else None]
 
 
+class _Unbound:
+    """A segment that reads its layer at each call: binding it keeps nothing."""
+
+    def bind(self) -> None:
+        pass
+
+
 @dataclass
-class _Norm:
+class _Norm(_Unbound):
     """A batch normalization layer: torch's batch_norm kernels, whose backward autograd calls too."""
     layer: BatchNorm
 
@@ -123,9 +130,6 @@ class _Norm:
 
     def usable(self) -> bool:
         return not expects_own_call(self.layer)
-
-    def bind(self) -> None:
-        pass  # reads its layer at each call
 
     def forward(self, xs: list[Tensor], need: list[bool]):
         bn, (h,) = self.layer, xs
@@ -147,7 +151,7 @@ class _Norm:
 
 
 @dataclass
-class _Noise:
+class _Noise(_Unbound):
     """A layer that multiplies its input by noise it draws (dropout)."""
     layer: MultiplicativeNoise
     trainable = False
@@ -159,9 +163,6 @@ class _Noise:
     def usable(self) -> bool:
         return not expects_own_call(self.layer)
 
-    def bind(self) -> None:
-        pass  # reads its layer at each call
-
     def forward(self, xs: list[Tensor], need: list[bool]):
         (h,) = xs
         with _below_autograd():
@@ -172,7 +173,7 @@ class _Noise:
 
 
 @dataclass
-class _Local:
+class _Local(_Unbound):
     """Any other layer (layer normalization, alpha dropout, additive noise, a standalone activation,
     a dense layer on torch's reference ops, a concatenation or merge of several inputs): called as it
     is, its forward recorded by autograd on its own, and that small graph run backward. These are the
@@ -185,9 +186,6 @@ class _Local:
 
     def usable(self) -> bool:
         return True
-
-    def bind(self) -> None:
-        pass  # reads its layer at each call
 
     def forward(self, xs: list[Tensor], need: list[bool]):
         xs = [x.detach().requires_grad_() if n else x for x, n in zip(xs, need, strict=True)]
@@ -265,7 +263,7 @@ class DirectStep:
             node.segment.bind()
             need = [trains.get(i, False) for i in node.inputs]  # the inputs that need a gradient
             trains[node.output] = any(need) or node.segment.trainable
-            nodes.append(_Planned(node.segment, node.inputs, node.output, need, trains[node.output]))
+            nodes.append(_Planned(node, need, trains[node.output]))
         return _Plan(self, nodes)
 
 
@@ -273,9 +271,7 @@ class DirectStep:
 class _Planned:
     """A node as one epoch runs it: which inputs need a gradient, and whether anything it made
     does (else backward stops there)."""
-    segment: _Segment
-    inputs: list[str]
-    output: str
+    node: _Node
     need: list[bool]
     trains: bool
 
@@ -292,8 +288,9 @@ class _Plan:
         head weight * sum of row weight * loss over the rows, as backward(seed) of the Trainer's
         loss total does. Returns the raw outputs and each row's loss, per output name."""
         env, saved = dict(inputs), []
-        for node in self.nodes:
-            env[node.output], kept = node.segment.forward([env[i] for i in node.inputs], node.need)
+        for planned in self.nodes:
+            node = planned.node
+            env[node.output], kept = node.segment.forward([env[i] for i in node.inputs], planned.need)
             saved.append(kept)
         heads = self.step.model.heads
         raw = {name: env[head.node].detach() for name, head in heads.items()}
@@ -307,11 +304,12 @@ class _Plan:
                 coef = coef * row_weights[name]
             losses[name], g = loss_and_grad(head, raw[name], targets[head.target], coef)
             _add(pending, head.node, g)
-        for node, kept in zip(reversed(self.nodes), reversed(saved), strict=True):
+        for planned, kept in zip(reversed(self.nodes), reversed(saved), strict=True):
+            node = planned.node
             g = pending.pop(node.output, None)
-            if g is None or not node.trains:  # nothing it made needs a gradient
+            if g is None or not planned.trains:  # nothing it made needs a gradient
                 continue
-            for name, dx in zip(node.inputs, node.segment.backward(kept, g, node.need), strict=True):
+            for name, dx in zip(node.inputs, node.segment.backward(kept, g, planned.need), strict=True):
                 if dx is not None:
                     _add(pending, name, dx)
         return raw, {name: losses[name] for name in heads}
