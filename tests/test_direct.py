@@ -190,7 +190,6 @@ def test_frozen_parameters_are_left_without_gradient():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-
 class _FreezeAfterFirstEpoch(Callback):
     """Freezes one parameter once the first epoch ends, as user code between epochs may."""
 
@@ -220,6 +219,7 @@ def test_each_epoch_plans_with_the_parameters_that_train_then():
     frozen = model.get_parameter(freeze.name)
     assert frozen.grad is None and torch.equal(frozen, freeze.after_first)  # epochs 2 and 3 left it alone
     assert all(not torch.equal(p, others[name]) for name, p in model.named_parameters() if name in others)
+
 
 def _model(model_cfg, task="multiclass", width=CLASSES, **train):
     _, spec = _data(task, width)
