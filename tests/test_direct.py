@@ -11,7 +11,7 @@ from densepipe import config
 from densepipe.nn.layers import DROPOUTS
 from densepipe.nn.model import DataSpec, TargetSpec, build_model, l1_l2, l1_l2_grad
 from densepipe.train.callbacks import Callback
-from densepipe.train.direct import DirectStep
+from densepipe.train.direct import DirectStep, _ChainPlan, _Plan
 from densepipe.train.loop import Split, Trainer
 
 WALL_CLOCK = ("epoch_seconds", "samples_per_sec")
@@ -188,6 +188,39 @@ def test_frozen_parameters_are_left_without_gradient():
     step.plan().grads(data.inputs, data.targets, seed, dict.fromkeys(model.heads))
     assert frozen.grad is None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+CHAIN_PLANS = {  # model config, parameters to freeze, class weights
+    "softmax classifier": ({"layers": MLP}, (), None),
+    "loss weight and class weights": ({"layers": MLP, "outputs": {"out": {"weight": 0.25}}}, (),
+                                      torch.tensor([0.5, 2.0, 1.0, 3.0])),
+    "frozen first layer": ({"layers": MLP}, ("layers.dense_1.weight", "layers.dense_1.bias"), None),
+    "nothing trains": ({"layers": MLP[2:]}, ("layers.out.weight", "layers.out.bias"), None),
+}
+
+
+@pytest.mark.parametrize(("model_cfg", "freeze", "class_weights"), CHAIN_PLANS.values(), ids=CHAIN_PLANS.keys())
+def test_an_mlp_steps_without_walking_the_graph_and_gets_the_walks_gradients(model_cfg, freeze, class_weights):
+    data, _ = _data("multiclass", CLASSES)
+    model = _model(model_cfg)
+    for name in freeze:
+        model.get_parameter(name).requires_grad_(False)
+    plan = DirectStep.build(model, torch.device("cpu"), world=1).plan()
+    assert isinstance(plan, _ChainPlan)
+    seed = torch.tensor(1.0 / ROWS)
+    (head,) = model.heads
+    row_weights = {head: None if class_weights is None else class_weights[data.targets["target"]]}
+    results = []
+    for steps in (plan, _Plan(plan.step, plan.nodes)):  # the MLP's own steps, then the graph walk's
+        raw, losses = steps.grads(data.inputs, data.targets, seed, row_weights)
+        results.append((raw, losses, {name: p.grad for name, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (raw, losses, grads), (walk_raw, walk_losses, walk_grads) = results
+    assert raw.keys() == walk_raw.keys() == losses.keys() == walk_losses.keys() == {head}
+    assert torch.equal(raw[head], walk_raw[head]) and torch.equal(losses[head], walk_losses[head])
+    for name, g in walk_grads.items():
+        assert (g is None) == (name in freeze), name
+        assert (grads[name] is None) if g is None else torch.equal(grads[name], g), name
 
 
 class _FreezeAfterFirstEpoch(Callback):
