@@ -150,12 +150,16 @@ def _products_torch(acts: list[Tensor], weights: list[Tensor]) -> None:
 
 
 def _products_densepipe(acts: list[Tensor], weights: list[Tensor]) -> None:
-    """The same products on densepipe's GEMM backend (oneDNN where it wins, see csrc/gemm_cpu.cpp):
-    linear, bias-free dense ops, whose epilogues are empty."""
-    empty = acts[0].new_empty(0)
-    for i, w in enumerate(weights):
-        dense_ops.dense_forward(acts[i], w, None, "linear", 0.0)
-        dense_ops.dense_backward(acts[i + 1], acts[i], w, empty, "linear", 0.0, [bool(i), True, False])
+    """The same products on densepipe's GEMM backend (oneDNN where it wins, see csrc/gemm_cpu.cpp),
+    made as training makes them: one chain call forward, one backward (dX and dW side by side on
+    2 threads), with linear, bias-free layers, whose epilogues are empty. Calling the products one
+    op at a time would add the Python cost of 6 calls and understate the bound."""
+    n = len(weights)
+    no_bias, linear, alphas = [acts[0].new_empty(0)] * n, ["linear"] * n, [0.0] * n
+    with torch._C._AutoDispatchBelowAutograd():  # the kernels alone, as train/direct.py calls them
+        y, hidden, preacts = dense_ops.dense_chain_forward(acts[0], weights, no_bias, linear, alphas)
+        dense_ops.dense_chain_backward(acts[-1], acts[0], hidden, y, weights, preacts, linear, alphas,
+                                       [True] * n, [False] * n, False)
 
 
 def run_gemm_bound(Xtr, ytr, Xte, yte, epochs: int, seed: int):
