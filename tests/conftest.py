@@ -33,6 +33,14 @@ def _no_tracking_uri_leak():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test and puts the old one back."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 def run_cmd(args, cwd, check=True, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Runs a command, returning its result; on an unexpected exit shows its output."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)

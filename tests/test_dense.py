@@ -132,14 +132,6 @@ def test_gemm_backend_switch(enabled):
         _check("cpu", torch.float32, "gelu", 0.0, (320,), 130, 129, True, "transposed")
 
 
-@pytest.fixture
-def threads():
-    """Sets torch's thread count for one test and puts the old one back."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("count", [1, 2, 3])
 @pytest.mark.parametrize("lead,k,n", [((128,), 256, 128), ((640,), 160, 200)], ids=["side-by-side", "in-turn"])
 def test_backward_on_several_threads(threads, count, lead, k, n):

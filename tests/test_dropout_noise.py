@@ -49,16 +49,12 @@ def test_reproducible_from_the_torch_generator():
     assert torch.equal(own, ops.dropout_noise(x, 0.3, torch.Generator().manual_seed(7)))
 
 
-def test_same_noise_at_any_thread_count():
+def test_same_noise_at_any_thread_count(threads):
     x = torch.empty(1000, 300)  # several parallel chunks
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(ops.dropout_noise(x, 0.4, torch.Generator().manual_seed(3)))
-    finally:
-        torch.set_num_threads(before)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(ops.dropout_noise(x, 0.4, torch.Generator().manual_seed(3)))
     assert torch.equal(*results)
 
 
