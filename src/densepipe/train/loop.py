@@ -1,19 +1,21 @@
 """The training loop: mini-batches from tensors already on the device, one
 permutation per epoch, one host sync per epoch, a reused batch buffer.
 
-Diverging training (a non-finite loss) is noticed at the epoch's sync: the
-first bad batch is tracked on the device, the weights of the last good epoch are
-put back, and the user is told which epoch and batch went wrong.
+Diverging training (a non-finite loss) is noticed at the epoch's sync: each
+step's loss stays on the device until then, the first non-finite one names the
+bad batch, the weights of the last good epoch are put back, and the user is told
+which epoch and batch went wrong.
 
 Under torchrun the same loop runs on every rank (see train/distributed.py): each
 trains on its shard of every global batch, DistributedDataParallel averages the
-gradients, and the epoch's sums (losses, metric statistics, divergence flags) are
+gradients, and the epoch's sums (losses, metric statistics, each step's loss) are
 added up over the ranks in one collective just before the epoch's host sync.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -224,7 +226,7 @@ class Trainer:
     def _train_epoch(self, data: Split, batch: dict[str, Tensor], shard: distributed.Shard):
         """One pass over this rank's share of `data`. Per step it only keeps what it logs (loss sums,
         gradient norms, the raw outputs) as device tensors; the epoch's sums are formed at the end,
-        still on the device. Returns [loss sums (total, each output), bad-step flags, *metric
+        still on the device. Returns [loss sums (total, each output), each step's loss total, *metric
         statistics] and gradient norms."""
         self.net.train()
         dense = [self.model.layers[n].weight for n in self.dense_names]
@@ -281,15 +283,17 @@ class Trainer:
                 # An output can be the gathered batch itself (an identity path from an input),
                 # which the next step overwrites: that one is copied.
                 outputs[name].append(kept.clone() if kept.untyped_storage().data_ptr() in reused else kept)
-        log = torch.stack(logged)                                  # (steps, 1 + outputs + dense layers)
+        log = torch.stack(logged).double()                         # (steps, 1 + outputs + dense layers)
         # Each step's outputs came from the weights before its update, as Keras' running metrics.
         targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
         stats = self._metric_stats({k: torch.cat(v) for k, v in outputs.items()}, targets)
         sums = 1 + len(self.model.heads)                           # loss sums per step: total, each output
-        loss_sums = log[:, :sums].double().sum(0)                 # (1 + outputs,)
-        bad = (~torch.isfinite(log[:, 0])).double()                # (steps,) 1 where non-finite
-        grad_norms = (log[:, sums:].double() ** 2).mean(0).sqrt()  # RMS over steps; equal on all ranks
-        return [loss_sums, bad, *stats], grad_norms
+        loss_sums = log[:, :sums].sum(0)                           # (1 + outputs,)
+        grad_norms = log[:, sums:].square().mean(0).sqrt()         # RMS over steps; equal on all ranks
+        # (steps,): summed over the ranks it is non-finite where any rank's is, so the host finds
+        # the first bad step in it after the epoch's one sync, with no more work on the device.
+        step_losses = log[:, 0]
+        return [loss_sums, step_losses, *stats], grad_norms
 
     def _clip(self) -> None:
         clip = self.cfg.clip
@@ -375,7 +379,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self)
         terminate_quietly = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
-        last_good = self.weights_copy()
+        last_good = self.weights_copy()  # refreshed in place after every good epoch
+        live = list(self.model.state_dict().values())  # views of the weights that training updates in place
         progress = make_progress(self.cfg.progress if self.dist.main else "quiet", self.epochs, self.log)
         for epoch in range(self.start_epoch, self.epochs):
             lr = self.scheduled_lr(epoch)
@@ -387,23 +392,27 @@ class Trainer:
             val_sums = self._eval_sums(val_part) if val is not None else []
             # The epoch's one collective: each rank's sums added up over the ranks (none in one process).
             summed = distributed.all_reduce_sum(train_sums + val_sums)
-            (loss_sums, bad, *stats), val_summed = summed[:len(train_sums)], summed[len(train_sums):]
+            (loss_sums, step_losses, *stats), val_summed = summed[:len(train_sums)], summed[len(train_sums):]
             losses, metrics = loss_sums / train.n, self._finish(stats)
-            first_bad = torch.where(bad.any(), (bad > 0).int().argmax(), -1)  # argmax: the first bad step
             val_losses, val_metrics = (None, [])
             if val is not None:
                 val_losses, val_metrics = val_summed[0] / val.n, self._finish(val_summed[1:])
             # The epoch's one host sync: everything above stayed on the device.
             flat = torch.cat([losses, *[m.reshape(1).double() for m in metrics], grad_norms,
-                              first_bad.reshape(1).double(),
+                              step_losses,
                               *([val_losses, *[m.reshape(1).double() for m in val_metrics]]
                                 if val is not None else [])]).tolist()
             seconds = time.perf_counter() - t0
             k = len(losses)
             logs = self._logs("", flat[:k], flat[k:k + len(metrics)])
             pos = k + len(metrics)
-            norms, bad = flat[pos:pos + len(grad_norms)], int(flat[pos + len(grad_norms)])
-            pos += len(grad_norms) + 1
+            norms = flat[pos:pos + len(grad_norms)]
+            pos += len(grad_norms)
+            steps = flat[pos:pos + len(step_losses)]
+            pos += len(step_losses)
+            # The epoch's loss (flat[0]) is their sum: finite exactly when every step's is (doubles of
+            # float32 values cannot overflow), so the steps are searched only after a bad epoch.
+            bad = -1 if math.isfinite(flat[0]) else next(i for i, v in enumerate(steps) if not math.isfinite(v))
             if val is not None:
                 logs.update(self._logs("val_", flat[pos:pos + k], flat[pos + k:]))
             if bad >= 0:
@@ -427,7 +436,7 @@ class Trainer:
             decided = {key: v for key, v in logs.items() if key not in WALL_CLOCK}  # equal on every rank
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, decided)
-            last_good = self.weights_copy()
+            torch._foreach_copy_(list(last_good.values()), live)
             done = self.stop or epoch + 1 == self.epochs
             due = (epoch + 1) % self.cfg.checkpoint_every == 0
             if self._save_checkpoint is not None and due and not done:
