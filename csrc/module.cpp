@@ -1,14 +1,36 @@
 // The densepipe._C Python module and the operator schemas. Importing the module
-// runs the registrations; the ops are then reached as torch.ops.densepipe.*.
-#include <Python.h>
+// runs the registrations; the ops are then reached as torch.ops.densepipe.*. The
+// module's own functions are the ones a dispatcher op cannot be: those that call
+// back into Python.
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
-extern "C" {
-// An empty module: everything it offers is registered with the dispatcher.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&def);
-}
+#include "chain_epoch.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.def(
+      "chain_classifier_epoch",
+      [](at::Tensor x, at::Tensor target, at::Tensor order, at::Tensor buffer,
+         std::vector<std::pair<int64_t, int64_t>> bounds, std::vector<at::Tensor> coefs,
+         std::optional<at::Tensor> class_weight, std::vector<at::Tensor> weights, std::vector<at::Tensor> biases,
+         std::vector<std::string> activations, std::vector<double> alphas, std::vector<bool> need_weight,
+         std::vector<bool> need_bias, bool trains, double head_weight, const std::function<void()>& update) {
+        const densepipe::ChainSteps steps{std::move(x),      std::move(target), std::move(order),
+                                          std::move(buffer), std::move(bounds), std::move(coefs),
+                                          std::move(class_weight)};
+        const densepipe::ChainLayers chain{std::move(weights),     std::move(biases),    std::move(activations),
+                                           std::move(alphas),      std::move(need_weight), std::move(need_bias),
+                                           trains,                 head_weight};
+        return densepipe::chain_classifier_epoch(steps, chain, update);
+      },
+      "One epoch of a dense-chain classifier's training steps (csrc/chain_epoch.cpp).", py::arg("x"),
+      py::arg("target"), py::arg("order"), py::arg("buffer"), py::arg("bounds"), py::arg("coefs"),
+      py::arg("class_weight"), py::arg("weights"), py::arg("biases"), py::arg("activations"), py::arg("alphas"),
+      py::arg("need_weight"), py::arg("need_bias"), py::arg("trains"), py::arg("head_weight"), py::arg("update"));
 }
 
 TORCH_LIBRARY(densepipe, m) {

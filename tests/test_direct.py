@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densepipe import config
+from densepipe import _C, config
 from densepipe.nn.layers import DROPOUTS
 from densepipe.nn.model import DataSpec, TargetSpec, build_model, l1_l2, l1_l2_grad
 from densepipe.train.callbacks import Callback
 from densepipe.train.direct import DirectStep, _ChainPlan, _Plan
-from densepipe.train.loop import Split, Trainer
+from densepipe.train.loop import DivergenceError, Split, Trainer
 
 WALL_CLOCK = ("epoch_seconds", "samples_per_sec")
 build_dropout_layer = DROPOUTS["dropout"]
@@ -332,3 +332,93 @@ def test_penalty_gradient_is_autograds(l1, l2):
         return
     (expected,) = torch.autograd.grad(penalty, t)
     assert torch.equal(l1_l2_grad(t.detach(), l1, l2), expected)
+
+
+# ------------------------------------------------- an MLP classifier's epoch in one call
+EPOCH_CALLS = {name: CASES[name] for name in (
+    "softmax classifier", "class weights", "loss weight", "frozen kernel and bias", "frozen first layer",
+    "no biases, pre-activation kept", "one layer", "sgd, clipping, constraint")}
+
+
+@pytest.mark.parametrize("case", EPOCH_CALLS.values(), ids=EPOCH_CALLS.keys())
+def test_an_mlp_classifier_trains_each_epoch_in_one_call_as_its_python_steps_do(case, monkeypatch):
+    calls = []
+    one_call = _C.chain_classifier_epoch
+    monkeypatch.setattr(_C, "chain_classifier_epoch", lambda *a: calls.append(a) or one_call(*a))
+    weights, history = _fit(direct=True, **case)
+    assert len(calls) == 3  # every epoch
+    monkeypatch.setattr(_ChainPlan, "runs_epochs", lambda self, dense: False)  # the Python loop's steps
+    step_weights, step_history = _fit(direct=True, **case)
+    assert len(calls) == 3
+    for key, value in step_weights.items():
+        assert torch.equal(weights[key], value), key
+    assert history == step_history  # losses, metrics, gradient norms: the same values
+
+
+NOT_IN_ONE_CALL = {  # model config, task, width: MLPs whose steps stay in Python
+    "binary cross-entropy": ({"layers": MLP}, "binary", 1),
+    "regression": ({"layers": MLP}, "regression", 2),
+    "from probabilities": ({"layers": MLP, "outputs": {"out": {"loss": {
+        "name": "sparse_categorical_crossentropy", "from_logits": False}}}}, "multiclass", CLASSES),
+    "categorical cross-entropy": ({"layers": MLP, "outputs": {"out": {"loss": "categorical_crossentropy"}}},
+                                  "multiclass", CLASSES),
+    "kernel penalty": ({"layers": [{**MLP[0], "l2": 0.01}, MLP[2]]}, "multiclass", CLASSES),
+}
+
+
+@pytest.mark.parametrize(("model_cfg", "task", "width"), NOT_IN_ONE_CALL.values(), ids=NOT_IN_ONE_CALL.keys())
+def test_other_mlps_step_in_python(model_cfg, task, width):
+    model = _model(model_cfg, task, width)
+    plan = DirectStep.build(model, torch.device("cpu"), world=1).plan()
+    assert isinstance(plan, _ChainPlan)
+    assert not plan.runs_epochs([m.weight for m in model.dense_layers().values()])
+
+
+def test_the_one_call_logs_norms_only_of_the_chains_own_weights():
+    model, other = _model({"layers": MLP}), _model({"layers": MLP})
+    plan = DirectStep.build(model, torch.device("cpu"), world=1).plan()
+    assert plan.runs_epochs([m.weight for m in model.dense_layers().values()])
+    assert not plan.runs_epochs([m.weight for m in other.dense_layers().values()])
+    assert not plan.runs_epochs([m.weight for m in model.dense_layers().values()][1:])
+
+
+def _diverging_fit():
+    data, spec = _data("multiclass", CLASSES)
+    relu = [{**MLP[0], "units": 32}, {**MLP[1], "activation": "relu"}, MLP[2]]
+    cfg = config.parse({"model": {"layers": relu},
+                        "train": {"epochs": 6, "batch_size": 32, "progress": "quiet",
+                                  "optimizer": {"name": "sgd", "lr": 1e-2},
+                                  "callbacks": [{"type": "exponential_decay", "gamma": 1e8}]}})
+    model = build_model(cfg.model, cfg.train, spec, seed=1)
+    trainer = Trainer(model, cfg.train, seed=1)
+    with pytest.raises(DivergenceError) as err:
+        trainer.fit(data)
+    return str(err.value), model.state_dict(), len(trainer.history)
+
+
+def test_a_diverging_epoch_in_one_call_names_the_batch_the_python_steps_name(monkeypatch):
+    msg, weights, good = _diverging_fit()
+    assert good >= 1 and f"epoch {good + 1}, batch" in msg
+    monkeypatch.setattr(_ChainPlan, "runs_epochs", lambda self, dense: False)
+    step_msg, step_weights, step_good = _diverging_fit()
+    assert (msg, good) == (step_msg, step_good)
+    for key, value in step_weights.items():
+        assert torch.isfinite(value).all() and torch.equal(weights[key], value), key
+
+
+def test_an_error_in_the_update_stops_the_epoch_with_its_own_type_and_message():
+    data, spec = _data("multiclass", CLASSES)
+    cfg = config.parse({"model": {"layers": MLP}, "train": {"epochs": 2, "batch_size": 32, "progress": "quiet"}})
+    model = build_model(cfg.model, cfg.train, spec, seed=1)
+    trainer = Trainer(model, cfg.train, seed=1)
+    steps = []
+
+    def third_step_fails(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise ValueError("a step hook refused the update")
+
+    trainer.optimizer.register_step_pre_hook(third_step_fails)
+    with pytest.raises(ValueError, match="a step hook refused the update"):
+        trainer.fit(data)
+    assert len(steps) == 3 and len(trainer.history) == 0

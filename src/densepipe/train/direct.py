@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from densepipe import ops
+from densepipe import _C, ops
 from densepipe.nn.dense import FusedDense, expects_own_call
 from densepipe.nn.layers import BatchNorm, MultiplicativeNoise
 from densepipe.nn.losses import LOSSES, uses_logits
@@ -343,6 +343,37 @@ class _ChainPlan(_Plan):
         if planned.trains:
             chain.backward(kept, g, planned.need)
         return {name: raw}, {name: loss}
+
+
+    def runs_epochs(self, dense: list[Tensor]) -> bool:
+        """Whether epoch() may run this epoch: a classifier under softmax cross-entropy from logits, no
+        penalty on its weights, and nothing outside the chain: its parameters are the model's (the
+        optimizer's gradients are the chain's to set) and its weights are `dense`, those whose
+        gradient norms the loop logs."""
+        (head,), (planned,) = self.step.model.heads.values(), self.nodes
+        chain = planned.node.segment
+        params = [p for m in chain.layers for p in m.parameters()]
+        return (head.loss == "sparse_categorical_crossentropy" and uses_logits(head.loss_params.get("from_logits"))
+                and not self.step.model.penalized and len(dense) == len(chain.weights)
+                and all(a is b for a, b in zip(dense, chain.weights, strict=True))
+                and all(any(p is q for q in params) for p in self.step.model.parameters()))
+
+    def epoch(self, data, order: Tensor, buffers: dict[str, Tensor], bounds: list[tuple[int, int]],
+              seeds: list[Tensor], class_weights: dict[str, Tensor], update) -> tuple[Tensor, dict[str, Tensor]]:
+        """The epoch's steps in one call to the extension (csrc/chain_epoch.cpp), where runs_epochs()
+        holds: the calls grads() and the loop make for each step, with update() (the optimizer's step)
+        called after each step's gradients are set. seeds: backward's seed gradient per step.
+        Returns the steps' log rows (steps, 2 + layers) and the raw output of every step, in order."""
+        ((name, head),), (planned,) = self.step.model.heads.items(), self.nodes
+        chain, source = planned.node.segment, planned.node.inputs[0]
+        distinct = {id(seed): seed for seed in seeds}  # one per step size: each coefficient made once
+        coef_of = {key: _coef(seed, head, None) for key, seed in distinct.items()}
+        coefs = [coef_of[id(seed)] for seed in seeds]
+        log, outputs = _C.chain_classifier_epoch(
+            data.inputs[source], data.targets[head.target], order, buffers[source], bounds, coefs,
+            class_weights.get(head.target), chain.weights, chain.biases, chain.activations, chain.alphas,
+            chain.need_w, chain.need_b, planned.trains, float(head.weight), update)
+        return log, {name: outputs}
 
 
 def _coef(seed: Tensor, head: Head, row_weight: Tensor | None) -> Tensor:

@@ -29,7 +29,7 @@ from densepipe.nn.losses import LOSSES, weighted_sum
 from densepipe.registry import did_you_mean
 from densepipe.train import distributed
 from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
-from densepipe.train.direct import DirectStep
+from densepipe.train.direct import DirectStep, _ChainPlan
 from densepipe.train.history import History
 from densepipe.train.optimizers import build_optimizer
 from densepipe.train.progress import make_progress
@@ -230,30 +230,49 @@ class Trainer:
         statistics] and gradient norms."""
         self.net.train()
         dense = [self.model.layers[n].weight for n in self.dense_names]
-        constrained = self.model.constrained
         order = self._permutation(data.n).index_select(0, shard.positions)  # (rows,) this rank's, by step
+        direct = self.direct.plan() if self.direct is not None and self.direct.usable() else None
+        like = next(iter(data.inputs.values()))
+        # DDP averages over ranks, so world / rows makes the gradient the global step's mean.
+        scale_of = {rows: self.dist.world / rows for rows in shard.step_rows}  # two at most: full, last step
+        seed_of = {rows: torch.tensor(scale, dtype=like.dtype, device=like.device) for rows, scale in scale_of.items()}
+        seeds = [seed_of[rows] for rows in shard.step_rows]  # backward's seed gradient per step
+        if isinstance(direct, _ChainPlan) and direct.runs_epochs(dense):  # the steps without Python between them
+            log, outputs = direct.epoch(data, order, batch, shard.bounds, seeds, self.class_weights, self._update)
+        else:
+            scales = [scale_of[rows] for rows in shard.step_rows]
+            log, outputs = self._steps(data, order, batch, shard.bounds, seeds, scales, dense, direct)
+        log = log.double()                                         # (steps, 1 + outputs + dense layers)
+        # Each step's outputs came from the weights before its update, as Keras' running metrics.
+        targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
+        stats = self._metric_stats(outputs, targets)
+        sums = 1 + len(self.model.heads)                           # loss sums per step: total, each output
+        loss_sums = log[:, :sums].sum(0)                           # (1 + outputs,)
+        grad_norms = log[:, sums:].square().mean(0).sqrt()         # RMS over steps; equal on all ranks
+        # (steps,): summed over the ranks it is non-finite where any rank's is, so the host finds
+        # the first bad step in it after the epoch's one sync, with no more work on the device.
+        step_losses = log[:, 0]
+        return [loss_sums, step_losses, *stats], grad_norms
+
+    def _steps(self, data: Split, order: Tensor, batch: dict[str, Tensor], bounds: list[tuple[int, int]],
+               seeds: list[Tensor], scales: list[float], dense: list[Tensor],
+               direct) -> tuple[Tensor, dict[str, Tensor]]:
+        """The epoch's steps, one Python call after another: through a DirectStep's plan (`direct`)
+        or autograd (None). seeds: backward's seed gradient per step, the step's scale as a tensor.
+        Returns the steps' log rows (loss sums (total, each output), grad norms) and every step's raw
+        outputs, per output name."""
         logged: list[Tensor] = []  # per step: (loss sums (total, each output), grad norms)
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
         reused = {b.untyped_storage().data_ptr() for b in batch.values()}
         zero = dense[0].new_zeros(()) if dense else None  # the gradient norm of a frozen layer
-        direct = self.direct.plan() if self.direct is not None and self.direct.usable() else None
-        seeds: dict[float, Tensor] = {}  # backward's seed gradient per step scale (two at most: full, last step)
-
-        def seed_of(scale: float, like: Tensor) -> Tensor:
-            if scale not in seeds:
-                seeds[scale] = torch.tensor(scale, dtype=like.dtype, device=like.device)
-            return seeds[scale]
-
-        for (lo, hi), rows in zip(shard.bounds, shard.step_rows, strict=True):
+        for (lo, hi), seed, scale in zip(bounds, seeds, scales, strict=True):
             idx = order[lo:hi]
             xb = {k: torch.index_select(v, 0, idx, out=batch[k][:hi - lo]) for k, v in data.inputs.items()}
             yb = {k: v.index_select(0, idx) for k, v in data.targets.items()}
-            # DDP averages over ranks, so world / rows makes the gradient the global step's mean.
-            scale = self.dist.world / rows
             self.optimizer.zero_grad()
             if direct is not None:  # the same gradients, without autograd (see train/direct.py)
                 row_weights = self._row_weights(yb)
-                raw, per_sample = direct.grads(xb, yb, seed_of(scale, next(iter(xb.values()))), row_weights)
+                raw, per_sample = direct.grads(xb, yb, seed, row_weights)
                 total, parts = self._totals(per_sample, row_weights)
                 penalty = direct.penalty_grads()
             else:
@@ -262,16 +281,13 @@ class Trainer:
                 penalty = self.model.penalty()
                 # backward returns after DDP's gradient all-reduce.
                 if penalty is None:  # the scale as backward's seed gradient: no multiply node to run
-                    total.backward(seed_of(scale, total))
+                    total.backward(seed)
                 else:
                     (total * scale + penalty).backward()
             # Norms of the gradients as backward made them, before clipping rescales them: they are
             # what shows a user exploding or vanishing gradients.
             norms = torch._foreach_norm([zero if w.grad is None else w.grad for w in dense]) if dense else []
-            self._clip()
-            self.optimizer.step()
-            if constrained:  # as Keras: each update is followed by the weights' constraints
-                self.model.apply_constraints()
+            self._update()
             # Kept, not copied into epoch buffers: one stack per step, one cat per epoch is cheaper.
             with torch.no_grad():
                 # The logged loss carries the penalty too, as Keras' does: row-weighted, like the data loss.
@@ -283,17 +299,14 @@ class Trainer:
                 # An output can be the gathered batch itself (an identity path from an input),
                 # which the next step overwrites: that one is copied.
                 outputs[name].append(kept.clone() if kept.untyped_storage().data_ptr() in reused else kept)
-        log = torch.stack(logged).double()                         # (steps, 1 + outputs + dense layers)
-        # Each step's outputs came from the weights before its update, as Keras' running metrics.
-        targets = {k: v.index_select(0, order) for k, v in data.targets.items()}
-        stats = self._metric_stats({k: torch.cat(v) for k, v in outputs.items()}, targets)
-        sums = 1 + len(self.model.heads)                           # loss sums per step: total, each output
-        loss_sums = log[:, :sums].sum(0)                           # (1 + outputs,)
-        grad_norms = log[:, sums:].square().mean(0).sqrt()         # RMS over steps; equal on all ranks
-        # (steps,): summed over the ranks it is non-finite where any rank's is, so the host finds
-        # the first bad step in it after the epoch's one sync, with no more work on the device.
-        step_losses = log[:, 0]
-        return [loss_sums, step_losses, *stats], grad_norms
+        return torch.stack(logged), {k: torch.cat(v) for k, v in outputs.items()}
+
+    def _update(self) -> None:
+        """A step's update once its gradients are set: clipping, the optimizer, the weights' constraints."""
+        self._clip()
+        self.optimizer.step()
+        if self.model.constrained:  # as Keras: each update is followed by the weights' constraints
+            self.model.apply_constraints()
 
     def _clip(self) -> None:
         clip = self.cfg.clip
