@@ -4,8 +4,9 @@ scikit-learn's MLPClassifier, side by side in one process on the same data.
 Same architecture everywhere: features -> 256 -> 128 -> classes, relu, batch 128,
 Adam lr 1e-3, the same number of epochs.
   densepipe  Trainer on the fused kernels (tensors on the device, one permutation and
-             one host sync per epoch; on the CPU this one-chain model trains without
-             autograd's graph, see train/direct.py)
+             one host sync per epoch; on the CPU this one-chain classifier trains without
+             autograd's graph, each epoch's steps in one call into the extension: see
+             train/direct.py and csrc/chain_epoch.cpp)
   torch      the loop tutorials teach: nn.Sequential(nn.Linear, nn.ReLU, ...),
              DataLoader(TensorDataset, shuffle=True), torch.optim.Adam defaults,
              loss.item() per batch

@@ -15,6 +15,11 @@ classifier's loss, comes with its gradient from one kernel; any other loss is di
 autograd on its own, and the weights' L1/L2 penalties by their formula, in autograd's arithmetic.
 Models with activity penalties or a layer reading an output after its head's activation, and every
 model on the GPU or under torchrun, train through autograd.
+
+An MLP classifier (one chain under softmax cross-entropy from logits, no weight penalty) goes one
+step further: _ChainPlan.epoch makes every step's calls of an epoch from C++ (csrc/chain_epoch.cpp),
+the same calls as its grads() and the Trainer's step, and comes back to Python only for the
+optimizer's update.
 """
 
 from __future__ import annotations
