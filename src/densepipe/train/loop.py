@@ -258,8 +258,8 @@ class Trainer:
                seeds: list[Tensor], scales: list[float], dense: list[Tensor],
                direct) -> tuple[Tensor, dict[str, Tensor]]:
         """The epoch's steps, one Python call after another: through a DirectStep's plan (`direct`)
-        or autograd (None). seeds: backward's seed gradient per step, the step's scale as a tensor.
-        Returns the steps' log rows (loss sums (total, each output), grad norms) and every step's raw
+        or autograd (None). scales: per step, what its loss total is scaled by; seeds: the same as
+        tensors, backward's seed gradient. Returns the steps' log rows (loss sums (total, each output), grad norms) and every step's raw
         outputs, per output name."""
         logged: list[Tensor] = []  # per step: (loss sums (total, each output), grad norms)
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
