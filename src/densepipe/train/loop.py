@@ -259,8 +259,8 @@ class Trainer:
                direct) -> tuple[Tensor, dict[str, Tensor]]:
         """The epoch's steps, one Python call after another: through a DirectStep's plan (`direct`)
         or autograd (None). scales: per step, what its loss total is scaled by; seeds: the same as
-        tensors, backward's seed gradient. Returns the steps' log rows (loss sums (total, each output), grad norms) and every step's raw
-        outputs, per output name."""
+        tensors, backward's seed gradient. Returns the steps' log rows (loss sums (total, each
+        output), grad norms) and every step's raw outputs, per output name."""
         logged: list[Tensor] = []  # per step: (loss sums (total, each output), grad norms)
         outputs: dict[str, list[Tensor]] = {name: [] for name in self.model.heads}  # per step: raw outputs
         reused = {b.untyped_storage().data_ptr() for b in batch.values()}
