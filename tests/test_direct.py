@@ -338,6 +338,7 @@ def test_penalty_gradient_is_autograds(l1, l2):
 EPOCH_CALLS = {name: CASES[name] for name in (
     "softmax classifier", "class weights", "loss weight", "frozen kernel and bias", "frozen first layer",
     "no biases, pre-activation kept", "one layer", "sgd, clipping, constraint")}
+EPOCH_CALLS["nothing trains"] = dict(layers=MLP[2:], freeze=("layers.out.weight", "layers.out.bias"))
 
 
 @pytest.mark.parametrize("case", EPOCH_CALLS.values(), ids=EPOCH_CALLS.keys())
