@@ -349,7 +349,6 @@ class _ChainPlan(_Plan):
             chain.backward(kept, g, planned.need)
         return {name: raw}, {name: loss}
 
-
     def runs_epochs(self, dense: list[Tensor]) -> bool:
         """Whether epoch() may run this epoch: a classifier under softmax cross-entropy from logits, no
         penalty on its weights, and nothing outside the chain: its parameters are the model's (the
@@ -367,8 +366,9 @@ class _ChainPlan(_Plan):
               seeds: list[Tensor], class_weights: dict[str, Tensor], update) -> tuple[Tensor, dict[str, Tensor]]:
         """The epoch's steps in one call to the extension (csrc/chain_epoch.cpp), where runs_epochs()
         holds: the calls grads() and the loop make for each step, with update() (the optimizer's step)
-        called after each step's gradients are set. seeds: backward's seed gradient per step.
-        Returns the steps' log rows (steps, 2 + layers) and the raw output of every step, in order."""
+        called after each step's gradients are set. data: the split (train/loop.py's Split); seeds:
+        backward's seed gradient per step. Returns the steps' log rows (steps, 2 + layers) and the raw
+        output of every step, in order."""
         ((name, head),), (planned,) = self.step.model.heads.items(), self.nodes
         chain, source = planned.node.segment, planned.node.inputs[0]
         distinct = {id(seed): seed for seed in seeds}  # one per step size: each coefficient made once
