@@ -5,7 +5,7 @@
 // steps with train/direct.py's _ChainPlan): the batch's gather, dense_chain_forward,
 // softmax_cross_entropy, dense_chain_backward, the gradient norms and the step's log row, with
 // the same arguments in the same order, so training is the same bit for bit. What it leaves out
-// is the Python between those calls: a sixth to a fifth of a small MLP's step on the CPU. The
+// is the Python between those calls: a tenth to a quarter of a small MLP's step on the CPU. The
 // optimizer's update (with clipping and constraints) stays in Python: a callable, called once per
 // step after the gradients are set, so every optimizer and its state work as they do elsewhere.
 #include "chain_epoch.h"
