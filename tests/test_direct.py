@@ -375,6 +375,13 @@ def test_other_mlps_step_in_python(model_cfg, task, width):
     assert not plan.runs_epochs([m.weight for m in model.dense_layers().values()])
 
 
+def test_a_graph_steps_in_python():
+    model = _model({"layers": [MLP[0], {"type": "dropout", "rate": 0.2}, MLP[2]]})
+    plan = DirectStep.build(model, torch.device("cpu"), world=1).plan()
+    assert not isinstance(plan, _ChainPlan)
+    assert not plan.runs_epochs([m.weight for m in model.dense_layers().values()])
+
+
 def test_the_one_call_logs_norms_only_of_the_chains_own_weights():
     model, other = _model({"layers": MLP}), _model({"layers": MLP})
     plan = DirectStep.build(model, torch.device("cpu"), world=1).plan()

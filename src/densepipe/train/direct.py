@@ -318,6 +318,11 @@ class _Plan:
                     _add(pending, name, dx)
         return raw, {name: losses[name] for name in heads}
 
+    def runs_epochs(self, dense: list[Tensor]) -> bool:
+        """Whether an epoch's steps run in one call into the extension (epoch(); see _ChainPlan): not
+        for a general graph, whose steps the loop makes one by one through grads()."""
+        return False
+
     def penalty_grads(self) -> Tensor | None:
         """Adds the gradient of the weights' L1/L2 penalties to their .grad, set by a plan's grads(),
         and returns the penalty (None without any). Autograd's backward of loss total + penalty sums
@@ -350,7 +355,7 @@ class _ChainPlan(_Plan):
         return {name: raw}, {name: loss}
 
     def runs_epochs(self, dense: list[Tensor]) -> bool:
-        """Whether epoch() may run this epoch: a classifier under softmax cross-entropy from logits, no
+        """Whether epoch() may run this epoch's steps: a classifier under softmax cross-entropy from logits, no
         penalty on its weights, and nothing outside the chain: its parameters are the model's (the
         optimizer's gradients are the chain's to set) and its weights are `dense`, those whose
         gradient norms the loop logs."""

@@ -29,7 +29,7 @@ from densepipe.nn.losses import LOSSES, weighted_sum
 from densepipe.registry import did_you_mean
 from densepipe.train import distributed
 from densepipe.train.callbacks import TerminateOnNaN, build_callbacks
-from densepipe.train.direct import DirectStep, _ChainPlan
+from densepipe.train.direct import DirectStep
 from densepipe.train.history import History
 from densepipe.train.optimizers import build_optimizer
 from densepipe.train.progress import make_progress
@@ -237,7 +237,7 @@ class Trainer:
         scale_of = {rows: self.dist.world / rows for rows in shard.step_rows}  # two at most: full, last step
         seed_of = {rows: torch.tensor(scale, dtype=like.dtype, device=like.device) for rows, scale in scale_of.items()}
         seeds = [seed_of[rows] for rows in shard.step_rows]  # backward's seed gradient per step
-        if isinstance(direct, _ChainPlan) and direct.runs_epochs(dense):  # the steps without Python between them
+        if direct is not None and direct.runs_epochs(dense):  # the steps without Python between them
             log, outputs = direct.epoch(data, order, batch, shard.bounds, seeds, self.class_weights, self._update)
         else:
             scales = [scale_of[rows] for rows in shard.step_rows]
