@@ -118,6 +118,26 @@ def test_same_params_and_seed_give_identical_results():
     _, h3 = fit(DIGITS_MODEL, DIGITS, train, test, seed=8, epochs=3, batch_size=64)
     assert h3.records[-1]["loss"] != h1.records[-1]["loss"]       # the seed matters
 
+def test_train_deterministic_switch_sets_torch_flags_without_loading_the_compiler():
+    # train.deterministic switches torch's deterministic algorithms for the train stage; torch's
+    # own switch would import torch._dynamo, about 2 s of every train stage's start-up.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from densepipe.stages.common import use_deterministic_algorithms as switch\n"
+            "switch(True)\n"
+            "on = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()\n"
+            "loaded = 'torch._dynamo' in sys.modules\n"
+            "import torch._inductor.config as inductor\n"
+            "switch(False)\n"
+            "off = torch.are_deterministic_algorithms_enabled(), inductor.deterministic\n"
+            "switch(True)\n"
+            "print(on, loaded, off, inductor.deterministic)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(True, True) False (False, False) True", out.stderr
+
+
 
 # ------------------------------------------------------------- two-head model
 def test_two_heads_on_one_trunk_train_both():

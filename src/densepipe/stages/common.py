@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import torch
@@ -25,6 +26,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_algorithms(mode: bool) -> None:
+    """torch.use_deterministic_algorithms(mode, warn_only=True), without its import of
+    torch._inductor's config: that import loads torch._dynamo, about 2 s of every stage's start
+    on a 2-core machine, in a process that compiles nothing. Inductor's own flag is set where
+    inductor is already loaded; loaded later, it reads TORCHINDUCTOR_DETERMINISTIC as usual."""
+    torch._C._set_deterministic_algorithms(mode, warn_only=True)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = mode
 
 
 def as_config_error(fn, *args, **kwargs):

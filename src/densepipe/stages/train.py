@@ -23,7 +23,7 @@ from densepipe.data.arrays import data_spec, load_arrays, to_split
 from densepipe.data.preprocess import Preprocessor
 from densepipe.io import write_json
 from densepipe.nn.model import UNSCALED_LOSSES, build_model
-from densepipe.stages.common import as_config_error, load_params, seed_everything
+from densepipe.stages.common import as_config_error, load_params, seed_everything, use_deterministic_algorithms
 from densepipe.train import distributed
 from densepipe.train.loop import WALL_CLOCK, DivergenceError, Trainer
 
@@ -137,7 +137,7 @@ def _launch(args, cfg, nproc: int) -> None:
 
 def _train(args, cfg, ctx: distributed.Context) -> None:
     seed_everything(cfg.seed)
-    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+    use_deterministic_algorithms(cfg.train.deterministic)
     data_dir = Path(args.data)
     pre = Preprocessor.load(data_dir / "preprocessor.json")
     spec = as_config_error(data_spec, pre, cfg.model)
