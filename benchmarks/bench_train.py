@@ -19,7 +19,7 @@ Data: scikit-learn's digits (standard-scaled, stratified 75/25 split) and a synt
 make_classification set (64 features, `--rows` rows, fewer epochs). samples/s counts
 training only (rows x epochs / seconds of fit). Rounds are interleaved (one run of each
 side per round) so a load change on a shared machine hits every side alike; the median
-round is reported.
+round is reported, and with several rounds the range of the per-round ratios after it.
 
     python benchmarks/bench_train.py
     python benchmarks/bench_train.py --threads 1 --rows 50000 --rounds 5
@@ -207,6 +207,7 @@ def bench(name: str, rows: int, epochs: int, rounds: int) -> dict:
     bound = len(Xtr) * epochs / run_gemm_bound(Xtr, ytr, Xte, yte, epochs, 0)[0]
     return {"data": name, "rows": len(Xtr), "epochs": epochs, "gemm_bound": bound,
             "speed": {k: samples / statistics.median(v) for k, v in times.items()},
+            "round_speeds": {k: [samples / t for t in v] for k, v in times.items()},
             "accuracy": {k: statistics.mean(v) for k, v in accs.items()}}
 
 
@@ -233,6 +234,15 @@ def report(results: list[dict]) -> bool:
         r_bound = res["gemm_bound"] / s["sklearn"]  # the most any side could reach against scikit-learn
         print(f"{res['data']:<10} {r_torch:>8.2f}x {r_sk:>10.2f}x {r_bound:>13.2f}x {d_torch:>+12.2f}p "
               f"{d_sk:>+14.2f}p  " + "; ".join(flags))
+    # Rounds ran interleaved, so each round's ratio compares sides under the same load: their
+    # spread shows how far a single run could land from the medians above on this machine.
+    for res in results:
+        per = res["round_speeds"]
+        if len(per["densepipe"]) > 1:
+            spread = {peer: sorted(dp / other for dp, other in zip(per["densepipe"], per[peer], strict=True))
+                      for peer in ("torch", "sklearn")}
+            print(f"{res['data']:<10} round by round ({len(per['densepipe'])} rounds): " + ", ".join(
+                f"dp/{peer} {r[0]:.2f}x to {r[-1]:.2f}x" for peer, r in spread.items()))
     return ok
 
 
