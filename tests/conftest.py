@@ -50,6 +50,11 @@ def run_cmd(args, cwd, check=True, env=None, timeout=600) -> subprocess.Complete
     return proc
 
 
+def fresh_python(code: str) -> str:
+    """What code prints, run in a new interpreter: what it imports is all that is loaded there."""
+    return run_cmd([sys.executable, "-c", code], cwd=ROOT).stdout.strip()
+
+
 def densepipe(*args, cwd, check=True) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, "-m", "densepipe", *args], cwd=cwd, check=check)
 

@@ -11,6 +11,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import densepipe.optim as dopt
+from conftest import fresh_python
 from optim_probe import TOL, Probe, assert_same, train
 
 STEPS = 50
@@ -291,13 +292,9 @@ def test_constructor_signature_is_torchs(name):
 def test_building_an_optimizer_does_not_load_the_compiler():
     # Every pipeline stage builds one to check train.optimizer; torch's add_param_group would
     # import torch._dynamo on first use, about a second of start-up each time.
-    import subprocess
-    import sys
-
     code = ("import sys, torch, densepipe.optim as o\n"
             "opt = o.Adam([torch.zeros(1, requires_grad=True)])\n"
             "opt.add_param_group({'params': [torch.zeros(2, requires_grad=True)], 'lr': 0.1})\n"
             "assert len(opt.param_groups) == 2 and opt.param_groups[1]['betas'] == (0.9, 0.999)\n"
             "print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False", out.stderr
+    assert fresh_python(code) == "False"

@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits, load_iris
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from conftest import fresh_python
 from densepipe import checkpoint as ckpt
 from densepipe import config
 from densepipe.nn.model import DataSpec, TargetSpec, build_model
@@ -121,9 +122,6 @@ def test_same_params_and_seed_give_identical_results():
 def test_train_deterministic_switch_sets_torch_flags_without_loading_the_compiler():
     # train.deterministic switches torch's deterministic algorithms for the train stage; torch's
     # own switch would import torch._dynamo, about 2 s of every train stage's start-up.
-    import subprocess
-    import sys
-
     code = ("import sys, torch\n"
             "from densepipe.stages.common import use_deterministic_algorithms as switch\n"
             "switch(True)\n"
@@ -134,8 +132,7 @@ def test_train_deterministic_switch_sets_torch_flags_without_loading_the_compile
             "off = torch.are_deterministic_algorithms_enabled(), inductor.deterministic\n"
             "switch(True)\n"
             "print(on, loaded, off, inductor.deterministic)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "(True, True) False (False, False) True", out.stderr
+    assert fresh_python(code) == "(True, True) False (False, False) True"
 
 
 
