@@ -37,9 +37,16 @@ run: install
 	$(VENV)/bin/dvc repro
 	$(PY) -m densepipe where
 
+# Two pytest workers: the pipeline tests spend much of their time starting stage processes,
+# whose imports run on one core, so a second worker keeps the other core busy (the suite
+# takes about two thirds of the time on 2 cores). --dist loadfile keeps each test file on one
+# worker, so a file's shared fixtures (a project built once) are built once.
+# `make test TEST_WORKERS=0` runs the suite in this process, one test after another.
+TEST_WORKERS ?= 2
+
 test: install
 	@command -v nvcc >/dev/null && $(MAKE) --no-print-directory cuda-headers || true
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
