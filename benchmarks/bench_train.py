@@ -22,7 +22,7 @@ side per round) so a load change on a shared machine hits every side alike; the 
 round is reported, and with several rounds the range of the per-round ratios after it.
 
     python benchmarks/bench_train.py
-    python benchmarks/bench_train.py --threads 1 --rows 50000 --rounds 5
+    python benchmarks/bench_train.py --threads 1 --rows 50000
     python benchmarks/bench_train.py --device cuda   # densepipe and the torch loop on the GPU
 """
 
@@ -251,8 +251,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20, help="epochs on digits")
     p.add_argument("--rows", type=int, default=200_000, help="rows of the synthetic set (0: skip it)")
     p.add_argument("--big-epochs", type=int, default=3, help="epochs on the synthetic set")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds on digits (median reported)")
-    p.add_argument("--big-rounds", type=int, default=1, help="interleaved rounds on the synthetic set")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds on digits (median reported)")
+    p.add_argument("--big-rounds", type=int, default=3, help="interleaved rounds on the synthetic set")
     p.add_argument("--threads", type=int, default=0, help="threads for torch and BLAS (0: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="device of densepipe and the torch loop (scikit-learn has only the CPU)")
