@@ -39,7 +39,7 @@ run: install
 
 # Two pytest workers: the pipeline tests spend much of their time starting stage processes,
 # whose imports run on one core, so a second worker keeps the other core busy (the suite
-# takes about two thirds of the time on 2 cores). --dist loadfile keeps each test file on one
+# takes about 70% of the serial time on 2 cores). --dist loadfile keeps each test file on one
 # worker, so a file's shared fixtures (a project built once) are built once.
 # `make test TEST_WORKERS=0` runs the suite in this process, one test after another.
 TEST_WORKERS ?= 2

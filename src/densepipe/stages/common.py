@@ -30,8 +30,8 @@ def seed_everything(seed: int) -> None:
 
 def use_deterministic_algorithms(mode: bool) -> None:
     """torch.use_deterministic_algorithms(mode, warn_only=True), without its import of
-    torch._inductor's config: that import loads torch._dynamo, about 2 s of every stage's start
-    on a 2-core machine, in a process that compiles nothing. Inductor's own flag is set where
+    torch._inductor's config: that import loads torch._dynamo, about 2 s of the train stage's
+    start on a 2-core machine, in a process that compiles nothing. Inductor's own flag is set where
     inductor is already loaded; loaded later, it reads TORCHINDUCTOR_DETERMINISTIC as usual."""
     torch._C._set_deterministic_algorithms(mode, warn_only=True)
     inductor = sys.modules.get("torch._inductor.config")
