@@ -1,10 +1,13 @@
 // GEMM backend for the CPU kernels.
 //
 // float32 products go to oneDNN (ATen's mkldnn_matmul) when it is enabled and the
-// product is big enough: on AMD Zen CPUs MKL's sgemm takes a generic code path and
-// oneDNN's JIT kernels run the same fp32 GEMM about 2x faster (1024x512x512 on one
-// core: 5.2 ms vs 2.4 ms); on Intel CPUs the two are on par. Below ~128^3 oneDNN's
-// per-call cost (~10 us) loses to BLAS, and float64 has no oneDNN path: at::mm.
+// product is big enough, and to BLAS (at::mm) otherwise. On an AMD Zen 4 server with
+// torch 2.13's MKL, one thread, oneDNN's JIT kernels ran large products faster (m = 4096,
+// k x n = 64 x 256 or 256 x 128: 1.23x; 1024 x 512 x 512: 1.13x) but small ones slower
+// (128 x 64 x 256: 0.81x; 128 x 256 x 128: 0.93x): a call costs it more, and MKL's Zen
+// kernels are fast on small blocks. The two tied near m * n * k = 2^23..2^24, on one and on
+// two threads. A training step's products (batch x layer widths) are mostly below that, an
+// evaluation chunk's above. float64 has no oneDNN path: at::mm.
 #include "gemm_cpu.h"
 
 #include <ATen/ATen.h>
@@ -25,7 +28,7 @@ namespace densepipe::cpu {
 
 namespace {
 
-constexpr int64_t kOneDnnMinWork = int64_t{1} << 21;  // m * n * k; the backends tie near 128^3
+constexpr int64_t kOneDnnMinWork = int64_t{1} << 24;  // m * n * k; the backends tie near 2^23..2^24
 
 // oneDNN refuses fp32 on CPUs without AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; the first
 // refusal switches it off for the process instead of re-checking ISA flags here.

@@ -49,7 +49,7 @@ SHAPES = [
     ((4097,), 9, 8, True),
     ((2, 33), 65, 9, True),  # 3-D input
     ((3, 1, 5), 8, 64, False),  # 4-D input
-    ((2, 128), 130, 129, True),  # M * K * N > 2^21: oneDNN's GEMM where it is used
+    ((8, 128), 130, 129, True),  # M * K * N >= 2^24: oneDNN's GEMM where it is used
     ((0,), 5, 3, True),  # empty batch
     ((4,), 0, 3, True),  # no input features: y = act(bias)
 ]
@@ -127,9 +127,10 @@ def test_strided_inputs(device, dtype, activation, alpha, x_layout, grad_layout,
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["onednn-on", "onednn-off"])
 def test_gemm_backend_switch(enabled):
-    # Large float32 products may run on oneDNN; with it switched off they run on BLAS.
+    # Float32 products of at least 2^24 multiply-adds (all three here) may run on oneDNN; with it
+    # switched off they run on BLAS.
     with torch.backends.mkldnn.flags(enabled=enabled):
-        _check("cpu", torch.float32, "gelu", 0.0, (320,), 130, 129, True, "transposed")
+        _check("cpu", torch.float32, "gelu", 0.0, (1024,), 130, 129, True, "transposed")
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
