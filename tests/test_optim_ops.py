@@ -86,6 +86,25 @@ def test_unaligned_views_and_single_elements(device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", sorted(OP_CALLS))
+def test_shared_across_threads(name, threads):
+    """Lists large enough to be cut into shares for several threads (share boundaries inside
+    tensors, tensors inside shares) update exactly as pieces of 1000 elements updated one call
+    at a time, each in a single share: the rules are elementwise, so any cut gives the same."""
+    sizes = (70_001, 3, 40_000, 17, 33_333)  # 143K elements a list: several 64 KB shares
+    make = lambda k: lists(k, sizes=sizes, seed=5)  # noqa: E731
+    expected, scalars = OP_CALLS[name](make)
+    for t, n in enumerate(sizes):
+        for lo in range(0, n, 1000):
+            getattr(ops, name)(*[[lst[t][lo:lo + 1000]] for lst in expected], *scalars)
+    for count in (1, 2, 3):
+        threads(count)
+        tensor_lists, _ = OP_CALLS[name](make)
+        getattr(ops, name)(*tensor_lists, *scalars)
+        for a, b in zip(sum(tensor_lists, []), sum(expected, []), strict=True):
+            assert torch.equal(a, b), f"{count} threads"
+
+
 # -------------------------------------------------------------------- errors
 def adam_args(params, grads, m, v, lr=1e-3, eps=1e-8, maxes=()):
     return (params, grads, m, v, list(maxes), lr, 0.9, 0.999, eps, 0.0, bool(maxes), False, False, 1.0)
