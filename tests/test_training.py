@@ -119,6 +119,7 @@ def test_same_params_and_seed_give_identical_results():
     _, h3 = fit(DIGITS_MODEL, DIGITS, train, test, seed=8, epochs=3, batch_size=64)
     assert h3.records[-1]["loss"] != h1.records[-1]["loss"]       # the seed matters
 
+
 def test_train_deterministic_switch_sets_torch_flags_without_loading_the_compiler():
     # train.deterministic switches torch's deterministic algorithms for the train stage; torch's
     # own switch would import torch._dynamo, about 2 s of every train stage's start-up.
@@ -133,7 +134,6 @@ def test_train_deterministic_switch_sets_torch_flags_without_loading_the_compile
             "switch(True)\n"
             "print(on, loaded, off, inductor.deterministic)")
     assert fresh_python(code) == "(True, True) False (False, False) True"
-
 
 
 # ------------------------------------------------------------- two-head model
