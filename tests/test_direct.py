@@ -430,3 +430,99 @@ def test_an_error_in_the_update_stops_the_epoch_with_its_own_type_and_message():
     with pytest.raises(ValueError, match="a step hook refused the update"):
         trainer.fit(data)
     assert len(steps) == 3 and len(trainer.history) == 0
+
+
+# ------------------------------------------------- a step's rows split across threads
+SPLIT_ROWS = 101  # 2 blocks on 2 threads: rows [0, 50) and [50, 101)
+
+
+def _split_case(weighted: bool):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(SPLIT_ROWS + 20, FEATURES, generator=gen)  # more rows than the step takes
+    target = torch.randint(0, CLASSES, (SPLIT_ROWS + 20,), generator=gen)
+    order = torch.randperm(SPLIT_ROWS + 20, generator=gen)[:SPLIT_ROWS]
+    weights = [torch.randn(16, FEATURES, generator=gen).requires_grad_(),
+               torch.randn(CLASSES, 16, generator=gen).requires_grad_()]
+    biases = [torch.randn(16, generator=gen).requires_grad_(), torch.randn(CLASSES, generator=gen).requires_grad_()]
+    class_weight = torch.tensor([0.5, 2.0, 1.0, 3.0]) if weighted else None
+    return x, target, order, weights, biases, class_weight
+
+
+def _one_step_epoch(x, target, order, weights, biases, class_weight):
+    """One step over all of `order` in one call, with a head weight of 0.5 (in the log's total only: the
+    seed passed in is the caller's, head weight included); returns (log row, logits, each parameter's
+    gradient)."""
+    seen = []
+    log, out = _C.chain_classifier_epoch(
+        x, target, order, x.new_empty(len(order), FEATURES), [(0, len(order))], [torch.tensor(1 / len(order))],
+        class_weight, weights, biases, ["relu", "linear"], [0.0, 0.0], [True, True], [True, True], True, 0.5,
+        lambda: seen.append([p.grad.clone() for p in weights + biases]))
+    return log[0], out, seen[0]
+
+
+def _block_by_ops(x, target, rows, weights, biases, class_weight):
+    """The step's calls on some of its rows, made one by one: (logits, weighted row losses, gradients)."""
+    ops = torch.ops.densepipe
+    xb, ids = x[rows], target[rows]
+    coef = torch.tensor(1 / SPLIT_ROWS)  # the step's seed as _one_step_epoch passes it
+    coef = coef if class_weight is None else coef * class_weight[ids]
+    with torch._C._AutoDispatchBelowAutograd():
+        out, hidden, preacts = ops.dense_chain_forward(xb, weights, biases, ["relu", "linear"], [0.0, 0.0])
+        loss, grad = ops.softmax_cross_entropy(out, ids)
+        grad.mul_(coef.unsqueeze(1) if coef.dim() else coef)
+        _, dws, dbs = ops.dense_chain_backward(grad, xb, hidden, out, weights, preacts, ["relu", "linear"],
+                                               [0.0, 0.0], [True, True], [True, True], False)
+    return out, loss if class_weight is None else loss * class_weight[ids], [*dws, *dbs]
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class weights"])
+def test_a_large_step_splits_its_rows_across_threads_and_sums_the_blocks_gradients_in_order(threads, weighted):
+    x, target, order, weights, biases, class_weight = _split_case(weighted)
+    threads(2)
+    log, out, grads = _one_step_epoch(x, target, order, weights, biases, class_weight)
+    blocks = [_block_by_ops(x, target, order[rows], weights, biases, class_weight)
+              for rows in (slice(0, 50), slice(50, SPLIT_ROWS))]
+    assert torch.equal(out, torch.cat([b[0] for b in blocks]))
+    part = torch.cat([b[1] for b in blocks]).sum()
+    assert torch.equal(log[:2], torch.stack([part * 0.5, part]))
+    for i, g in enumerate(grads):
+        assert torch.equal(g, blocks[0][2][i] + blocks[1][2][i]), i
+    assert torch.equal(log[2:], torch.stack([grads[0].norm(), grads[1].norm()]))
+
+    threads(1)  # one block: the calls on all rows at once
+    log1, out1, grads1 = _one_step_epoch(x, target, order, weights, biases, class_weight)
+    _, _, whole = _block_by_ops(x, target, order, weights, biases, class_weight)
+    assert all(torch.equal(g, w) for g, w in zip(grads1, whole, strict=True))
+    assert all(torch.allclose(g, g1, rtol=1e-5, atol=1e-6) for g, g1 in zip(grads, grads1, strict=True))
+
+
+def test_a_step_splits_only_into_blocks_of_32_rows_or_more(threads):
+    x, target, order, weights, biases, _ = _split_case(False)
+    threads(2)
+    order = order[:63]  # 2 blocks would have 31 and 32 rows: one block
+    _, _, grads = _one_step_epoch(x, target, order, weights, biases, None)
+    coef_rows = 63
+    ops = torch.ops.densepipe
+    with torch._C._AutoDispatchBelowAutograd():
+        xb, ids = x[order], target[order]
+        out, hidden, preacts = ops.dense_chain_forward(xb, weights, biases, ["relu", "linear"], [0.0, 0.0])
+        _, grad = ops.softmax_cross_entropy(out, ids)
+        grad.mul_(torch.tensor(1 / coef_rows))
+        _, dws, dbs = ops.dense_chain_backward(grad, xb, hidden, out, weights, preacts, ["relu", "linear"],
+                                               [0.0, 0.0], [True, True], [True, True], False)
+    assert all(torch.equal(g, w) for g, w in zip(grads, [*dws, *dbs], strict=True))
+
+
+def test_training_with_split_steps_agrees_with_the_python_steps_and_repeats_exactly(threads, monkeypatch):
+    threads(2)
+    case = dict(layers=MLP, batch_size=64)  # 64-row steps: two blocks of 32
+    weights, history = _fit(direct=True, **case)
+    again, again_history = _fit(direct=True, **case)
+    assert all(torch.equal(v, again[k]) for k, v in weights.items()) and history == again_history
+    monkeypatch.setattr(_ChainPlan, "runs_epochs", lambda self, dense: False)  # the Python loop's steps
+    step_weights, step_history = _fit(direct=True, **case)
+    for key, value in step_weights.items():
+        assert torch.allclose(weights[key], value, rtol=1e-4, atol=1e-5), key
+    for ours, theirs in zip(history, step_history, strict=True):
+        assert ours.keys() == theirs.keys()
+        assert all(ours[k] == pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in theirs.items()), ours
