@@ -19,7 +19,8 @@ model on the GPU or under torchrun, train through autograd.
 An MLP classifier (one chain under softmax cross-entropy from logits, no weight penalty) goes one
 step further: _ChainPlan.epoch makes every step's calls of an epoch from C++ (csrc/chain_epoch.cpp),
 the same calls as its grads() and the Trainer's step, and comes back to Python only for the
-optimizer's update.
+optimizer's update. With several threads it splits a step's rows into one block per thread and sums
+the blocks' gradients, which is the same to rounding (bit for bit on one thread).
 """
 
 from __future__ import annotations
