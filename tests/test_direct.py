@@ -460,11 +460,12 @@ def _one_step_epoch(x, target, order, weights, biases, class_weight):
     return log[0], out, seen[0]
 
 
-def _block_by_ops(x, target, rows, weights, biases, class_weight):
-    """The step's calls on some of its rows, made one by one: (logits, weighted row losses, gradients)."""
+def _block_by_ops(x, target, rows, step_rows, weights, biases, class_weight):
+    """A step's calls on some of its rows, made one by one: (logits, weighted row losses, gradients).
+    step_rows: how many rows the whole step has (its seed is 1 / step_rows, as _one_step_epoch's)."""
     ops = torch.ops.densepipe
     xb, ids = x[rows], target[rows]
-    coef = torch.tensor(1 / SPLIT_ROWS)  # the step's seed as _one_step_epoch passes it
+    coef = torch.tensor(1 / step_rows)
     coef = coef if class_weight is None else coef * class_weight[ids]
     with torch._C._AutoDispatchBelowAutograd():
         out, hidden, preacts = ops.dense_chain_forward(xb, weights, biases, ["relu", "linear"], [0.0, 0.0])
@@ -480,7 +481,7 @@ def test_a_large_step_splits_its_rows_across_threads_and_sums_the_blocks_gradien
     x, target, order, weights, biases, class_weight = _split_case(weighted)
     threads(2)
     log, out, grads = _one_step_epoch(x, target, order, weights, biases, class_weight)
-    blocks = [_block_by_ops(x, target, order[rows], weights, biases, class_weight)
+    blocks = [_block_by_ops(x, target, order[rows], SPLIT_ROWS, weights, biases, class_weight)
               for rows in (slice(0, 50), slice(50, SPLIT_ROWS))]
     assert torch.equal(out, torch.cat([b[0] for b in blocks]))
     part = torch.cat([b[1] for b in blocks]).sum()
@@ -491,7 +492,7 @@ def test_a_large_step_splits_its_rows_across_threads_and_sums_the_blocks_gradien
 
     threads(1)  # one block: the calls on all rows at once
     log1, out1, grads1 = _one_step_epoch(x, target, order, weights, biases, class_weight)
-    _, _, whole = _block_by_ops(x, target, order, weights, biases, class_weight)
+    _, _, whole = _block_by_ops(x, target, order, SPLIT_ROWS, weights, biases, class_weight)
     assert all(torch.equal(g, w) for g, w in zip(grads1, whole, strict=True))
     assert all(torch.allclose(g, g1, rtol=1e-5, atol=1e-6) for g, g1 in zip(grads, grads1, strict=True))
 
@@ -501,16 +502,8 @@ def test_a_step_splits_only_into_blocks_of_32_rows_or_more(threads):
     threads(2)
     order = order[:63]  # 2 blocks would have 31 and 32 rows: one block
     _, _, grads = _one_step_epoch(x, target, order, weights, biases, None)
-    coef_rows = 63
-    ops = torch.ops.densepipe
-    with torch._C._AutoDispatchBelowAutograd():
-        xb, ids = x[order], target[order]
-        out, hidden, preacts = ops.dense_chain_forward(xb, weights, biases, ["relu", "linear"], [0.0, 0.0])
-        _, grad = ops.softmax_cross_entropy(out, ids)
-        grad.mul_(torch.tensor(1 / coef_rows))
-        _, dws, dbs = ops.dense_chain_backward(grad, xb, hidden, out, weights, preacts, ["relu", "linear"],
-                                               [0.0, 0.0], [True, True], [True, True], False)
-    assert all(torch.equal(g, w) for g, w in zip(grads, [*dws, *dbs], strict=True))
+    _, _, whole = _block_by_ops(x, target, order, len(order), weights, biases, None)
+    assert all(torch.equal(g, w) for g, w in zip(grads, whole, strict=True))
 
 
 def test_training_with_split_steps_agrees_with_the_python_steps_and_repeats_exactly(threads, monkeypatch):
