@@ -108,10 +108,11 @@ int64_t blocks_for(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinBlockRows));
 }
 
-// Sums the blocks' gradients of one parameter, in block order; undefined where it has none.
+// Sums the blocks' gradients of one parameter (that trains), in block order; undefined where
+// nothing trains.
 Tensor summed(std::vector<Block>& blocks, Tensors Block::*grads, size_t i) {
   Tensor total = (blocks[0].*grads)[i];
-  if (!total.defined() || total.numel() == 0) return Tensor();
+  if (!total.defined()) return total;
   for (size_t b = 1; b < blocks.size(); ++b) total.add_((blocks[b].*grads)[i]);
   return total;
 }
