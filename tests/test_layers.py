@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from densepipe import cli, config
 from densepipe.nn.activations import ACTIVATIONS, softmax_rows
 from densepipe.nn.dense import FusedDense
-from densepipe.nn.layers import ReferenceDense
+from densepipe.nn.layers import LAYERS, ReferenceDense
 from densepipe.nn.model import DataSpec, TargetSpec, build_model
 from densepipe.summary import render_summary
 from densepipe.train.loop import Split, Trainer
@@ -297,6 +297,49 @@ def test_gaussian_noise_only_in_training():
     assert torch.equal(noise(x), x)
 
 
+
+# Models that, between them, hold every layer type: what each one's training step draws from
+# torch's global generator decides whether the trainer seeds it every epoch (model.draws_noise).
+_NOISE_MODELS = [([{"type": kind, **args}, {"type": "dense", "units": "auto"}], REG3, {})
+                 for kind, args in [("dropout", {"rate": 0.3}), ("alpha_dropout", {"rate": 0.3}),
+                                    ("gaussian_dropout", {"rate": 0.3}), ("gaussian_noise", {"stddev": 0.5})]]
+_QUIET_MODELS = [
+    ([{"type": "dense", "units": 6, "activation": "relu"}, {"type": "batchnorm"}, {"type": "layernorm"},
+      {"type": "activation", "activation": "tanh"}, {"type": "prelu"},
+      {"type": "activity_regularization", "l2": 0.1}, {"type": "dense", "units": "auto"}], REG3, {}),
+    ([{"type": "dense", "name": "da", "inputs": ["a"], "units": 4},
+      {"type": "dense", "name": "db", "inputs": ["b"], "units": 4},
+      *({"type": kind, "name": kind, "inputs": ["da", "db"]}
+        for kind in ("add", "subtract", "multiply", "average", "maximum", "minimum", "dot")),
+      {"type": "concatenate", "name": "cat",
+       "inputs": ["add", "subtract", "multiply", "average", "maximum", "minimum", "dot"]},
+      {"type": "dense", "name": "out", "inputs": ["cat"], "units": "auto"}],
+     DataSpec({"a": 3, "b": 5}, {"target": TargetSpec("regression", 3)}),
+     {"inputs": {"a": {"columns": ["x0"]}, "b": {"columns": "rest"}}}),
+]
+
+
+def _draws(layers, spec, model_args) -> tuple[bool, bool]:
+    """(model.draws_noise, whether a training step's forward and backward moved the global generator)."""
+    model = build(layers, spec, **model_args)
+    gen = torch.Generator().manual_seed(3)
+    x = {name: torch.randn(16, width, generator=gen) for name, width in spec.inputs.items()}
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    model.train()
+    model(x)["target"].square().sum().backward()
+    return model.draws_noise, not torch.equal(torch.get_rng_state(), before)
+
+
+def test_draws_noise_names_exactly_the_layers_that_draw_from_the_global_generator():
+    covered = {layer["type"] for layers, _, _ in _NOISE_MODELS + _QUIET_MODELS for layer in layers}
+    assert covered == set(LAYERS.names())  # a new layer type joins one of the lists
+    for case in _NOISE_MODELS:
+        assert _draws(*case) == (True, True), case[0][0]
+    for case in _QUIET_MODELS:
+        assert _draws(*case) == (False, False)
+
+
 # ------------------------------------------------------------------ graph model
 def test_add_and_concatenate_in_a_graph_model():
     spec = DataSpec({"a": 3, "b": 5}, {"target": TargetSpec("regression", 2)})
@@ -417,9 +460,11 @@ def test_layernorm_is_keras_formula_with_its_defaults():
 def test_layernorm_defaults_start_as_plain_standardization():
     ln = build([{"type": "layernorm"}, {"type": "dense", "units": "auto"}]).layers["layernorm_1"]
     assert torch.equal(ln.weight, torch.ones(8)) and torch.equal(ln.bias, torch.zeros(8))
-    out = ln(torch.randn(200, 8) * 5 + 3)
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)) * 5 + 3
+    out = ln(x)
     torch.testing.assert_close(out.mean(1), torch.zeros(200), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.var(1, correction=0), torch.ones(200), atol=1e-3, rtol=0)
+    var = x.var(1, correction=0)  # a row's variance shrinks by var / (var + eps), Keras' formula
+    torch.testing.assert_close(out.var(1, correction=0), var / (var + ln.eps), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("center, scale, names", [(False, True, ["weight"]), (True, False, ["bias"]),

@@ -9,7 +9,7 @@ import torch
 from sklearn import metrics as skm
 
 from densepipe import config
-from densepipe.metrics import AUC_THRESHOLDS, METRICS, auc_thresholds, metric_mode
+from densepipe.metrics import AUC_THRESHOLDS, METRICS, auc_thresholds, labels_from_raw, metric_mode
 from densepipe.nn.model import DataSpec, TargetSpec, build_model
 from densepipe.train import loop
 from densepipe.train.loop import Split, Trainer
@@ -162,6 +162,39 @@ def test_training_metrics_over_shuffled_uneven_batches_equal_sklearn():
     assert logs["auc"] == pytest.approx(whole.finish(whole.stats(prob[:, None], y)).item(), abs=1e-12)
     assert logs["auc"] == pytest.approx(skm.roc_auc_score(y.numpy(), prob.numpy()), abs=2e-3)
     assert logs["loss"] == pytest.approx(skm.log_loss(y.numpy(), prob.double().numpy()), rel=1e-5)
+
+
+
+def test_multiclass_training_metrics_read_from_the_logits_equal_sklearn():
+    """Every metric here reads only the predicted class, so the epoch's statistics come from the
+    raw scores (their argmax is the softmax's): they must equal scikit-learn on predict()."""
+    cfg = config.parse({"model": {"layers": [{"type": "dense", "units": 8, "activation": "tanh"},
+                                             {"type": "dense", "units": "auto", "activation": "auto"}]},
+                        "train": {"epochs": 1, "batch_size": 37, "optimizer": {"name": "sgd", "lr": 1e-30},
+                                  "metrics": ["accuracy", "precision", "recall", "f1"], "progress": "quiet"}})
+    model = build_model(cfg.model, cfg.train, DataSpec({"features": 4}, {"target": TargetSpec("multiclass", 6)}),
+                        seed=2)
+    x = torch.randn(500, 4, generator=GEN)
+    y = torch.randint(0, 6, (500,), generator=GEN)
+    pred = model.predict({"features": x})["target"].argmax(1).numpy()
+    logs = Trainer(model, cfg.train).fit(Split({"features": x}, {"target": y})).records[0]
+    macro = {"labels": range(6), "average": "macro", "zero_division": 0}
+    expected = {"accuracy": skm.accuracy_score(y, pred), "precision": skm.precision_score(y, pred, **macro),
+                "recall": skm.recall_score(y, pred, **macro), "f1": skm.f1_score(y, pred, **macro)}
+    assert {k: logs[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("activation, metrics, units, reads_raw", [
+    ("softmax", ["accuracy", "f1"], 4, True),
+    ("linear", ["precision", "recall"], 3, True),
+    ("softmax", ["accuracy", "auc"], 4, False),           # auc reads the probabilities
+    ("softmax", ["accuracy", "top_k_accuracy"], 4, False),
+    ("sigmoid", ["accuracy"], 4, False),                   # saturates: large scores tie at 1.0
+    ("sigmoid", ["accuracy"], 1, False),                   # one unit: its label is p > 0.5, not an argmax
+    ("linear", ["accuracy"], 1, False),
+])
+def test_which_heads_metrics_read_the_raw_scores(activation, metrics, units, reads_raw):
+    assert labels_from_raw(activation, metrics, torch.zeros(5, units)) is reads_raw
 
 
 # ------------------------------------------------------- precision / recall / F1 over classes

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from densepipe.nn.activations import resolve
 from densepipe.nn.losses import LOSSES
 from densepipe.registry import Registry
 
@@ -33,6 +34,7 @@ class Metric:
     finish: Callable[[Tensor], Tensor]          # summed stats -> value
     mode: str = "max"                           # which direction is better (for monitors)
     tasks: tuple[str, ...] = CLASS_TASKS + VALUE_TASKS  # target tasks it can read
+    by_label: bool = False                      # reads only each row's predicted class (_labels)
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -62,8 +64,18 @@ def _accuracy_stats(pred, target):
     return torch.stack([hits, _count(target.reshape(-1))])
 
 
-METRICS.add("accuracy", Metric(_accuracy_stats, _ratio, "max", CLASS_TASKS),
+METRICS.add("accuracy", Metric(_accuracy_stats, _ratio, "max", CLASS_TASKS, by_label=True),
             ("acc", "binary_accuracy", "categorical_accuracy", "sparse_categorical_accuracy"))
+
+
+def labels_from_raw(activation: str, metrics: list[str], raw: Tensor) -> bool:
+    """Whether a head's metrics may read its raw scores in place of its output: when each of them
+    reads only the predicted class, the output has several units (whose argmax is the class; one
+    unit's is its 0.5 threshold) and the activation keeps every row's order. The argmax is then the
+    same, and the activation (a softmax over narrow rows: a few percent of a small model's epoch)
+    is left out."""
+    return (raw.dim() > 1 and raw.shape[-1] > 1 and resolve(activation).keeps_order
+            and all(METRICS[m].by_label for m in metrics))
 
 
 def _classes(pred: Tensor) -> int:
@@ -93,11 +105,11 @@ def _per_class(score: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[T
 
 
 METRICS.add("precision", Metric(_confusion_stats, _per_class(lambda hit, npred, ntrue: hit / npred), "max",
-                                CLASS_TASKS))
+                                CLASS_TASKS, by_label=True))
 METRICS.add("recall", Metric(_confusion_stats, _per_class(lambda hit, npred, ntrue: hit / ntrue), "max",
-                             CLASS_TASKS))
+                             CLASS_TASKS, by_label=True))
 METRICS.add("f1", Metric(_confusion_stats, _per_class(lambda hit, npred, ntrue: 2 * hit / (npred + ntrue)),
-                         "max", CLASS_TASKS))
+                         "max", CLASS_TASKS, by_label=True))
 
 
 # Area under the ROC curve as Keras' AUC computes it: true and false positive counts at a fixed

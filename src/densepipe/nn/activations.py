@@ -24,6 +24,9 @@ class Activation:
     fused: bool = True                        # runs inside the dense kernel
     needs_preact: bool = False                # backward needs z (else it uses y)
     default_alpha: float = 0.0                # leaky_relu slope / elu saturation
+    # A row's largest input gives its largest output, so the argmax of one is the other's. Saturating
+    # ones (sigmoid, tanh) make ties of large inputs in float32, which argmax breaks toward the first.
+    keeps_order: bool = False
 
 
 def _step(z: Tensor, alpha: float) -> Tensor:
@@ -50,7 +53,7 @@ def softmax_rows(z: Tensor, log: bool = False) -> Tensor:
 
 
 _TABLE = [
-    Activation("linear", lambda z, a: z),
+    Activation("linear", lambda z, a: z, keeps_order=True),
     Activation("relu", lambda z, a: F.relu(z)),
     # Keras 3's default slope (keras.activations.leaky_relu); torch's nn.LeakyReLU takes 0.01.
     Activation("leaky_relu", lambda z, a: F.leaky_relu(z, a), default_alpha=0.2),
@@ -63,8 +66,8 @@ _TABLE = [
     Activation("sigmoid", lambda z, a: torch.sigmoid(z)),
     Activation("softplus", lambda z, a: F.softplus(z)),
     # Not fused: applied after the kernel's linear output.
-    Activation("softmax", lambda z, a: softmax_rows(z), fused=False),
-    Activation("log_softmax", lambda z, a: softmax_rows(z, log=True), fused=False),
+    Activation("softmax", lambda z, a: softmax_rows(z), fused=False, keeps_order=True),
+    Activation("log_softmax", lambda z, a: softmax_rows(z, log=True), fused=False, keeps_order=True),
     Activation("softsign", lambda z, a: F.softsign(z), fused=False),
     Activation("relu6", lambda z, a: F.relu6(z), fused=False),
     Activation("hard_sigmoid", lambda z, a: F.hardsigmoid(z), fused=False),

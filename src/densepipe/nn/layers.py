@@ -262,6 +262,11 @@ def build_noise(cfg, widths, ctx):
     return GaussianNoise(cfg.stddev), _single(widths, "gaussian_noise")
 
 
+# The layers whose training forward draws from torch's global generator: the trainer seeds it
+# each epoch (a resumed run draws what the uninterrupted one drew) only for models that hold one.
+NOISE_LAYERS = (*DROPOUTS.values(), GaussianNoise)
+
+
 class ActivityRegularization(nn.Module):
     """Keras' ActivityRegularization: passes its input on unchanged; DenseModel.forward()
     adds l1 * sum|x| + l2 * sum x^2 of it to the loss."""

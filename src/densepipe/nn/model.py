@@ -18,7 +18,7 @@ from densepipe.metrics import DEFAULT_METRICS, METRICS
 from densepipe.nn.activations import resolve
 from densepipe.nn.constraints import constraint
 from densepipe.nn.dense import FusedDense, run_chain
-from densepipe.nn.layers import LAYERS, BuildContext
+from densepipe.nn.layers import LAYERS, NOISE_LAYERS, BuildContext
 from densepipe.nn.losses import LOSSES
 from densepipe.registry import split_named
 
@@ -158,6 +158,11 @@ class DenseModel(nn.Module):
     def has_activity(self) -> bool:
         """Whether any layer's output carries an activity penalty."""
         return bool(self._activity)
+
+    @property
+    def draws_noise(self) -> bool:
+        """Whether training draws from torch's global generator (dropout, gaussian noise)."""
+        return any(isinstance(m, NOISE_LAYERS) for m in self.layers.values())
 
     @property
     def constrained(self) -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from densepipe.config import ConfigError
-from densepipe.metrics import METRICS
+from densepipe.metrics import METRICS, labels_from_raw
 from densepipe.nn.losses import LOSSES, weighted_sum
 from densepipe.registry import did_you_mean
 from densepipe.train import distributed
@@ -201,7 +201,8 @@ class Trainer:
     def _metric_stats(self, raw, targets) -> list[Tensor]:
         out = []
         for name, head in self.model.heads.items():
-            pred, target = head.apply(raw[name].detach()), targets[head.target]
+            scores, target = raw[name].detach(), targets[head.target]
+            pred = scores if labels_from_raw(head.activation, head.metrics, scores) else head.apply(scores)
             if head.target in self.target_units:  # back to the user's units, as the test metrics are
                 center, scale = self.target_units[head.target]
                 pred, target = pred * scale + center, target * scale + center
@@ -394,13 +395,15 @@ class Trainer:
         terminate_quietly = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
         last_good = self.weights_copy()  # refreshed in place after every good epoch
         live = list(self.model.state_dict().values())  # views of the weights that training updates in place
+        noisy = self.model.draws_noise
         progress = make_progress(self.cfg.progress if self.dist.main else "quiet", self.epochs, self.log)
         for epoch in range(self.start_epoch, self.epochs):
             lr = self.scheduled_lr(epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            self._seed_global_rng(epoch_seed(self.seed, epoch, rank))
+            if noisy:  # numpy's seed derivation costs a small model's epoch several percent
+                self._seed_global_rng(epoch_seed(self.seed, epoch, rank))
             train_sums, grad_norms = self._train_epoch(train, batch, shard)
             val_sums = self._eval_sums(val_part) if val is not None else []
             # The epoch's one collective: each rank's sums added up over the ranks (none in one process).
