@@ -137,36 +137,51 @@ struct GradTask {
   int64_t size;  // elements to sum (and take the norm of): what the task costs
 };
 
-// Sets every parameter's summed gradient and each weight's gradient norm (`zero` for one that
-// does not train) into norms. With several blocks the parameters are dealt out among the threads,
-// the largest first, each to the least loaded: on the calling thread alone these sums and norms
-// took about a tenth of the benchmark MLP's step. A thread takes the whole of a parameter, so a
-// norm is one reduction on one thread: the same bits as on the caller for a tensor too small for
-// ATen to split (32768 elements or fewer), otherwise equal to rounding. One block needs no sums:
-// its norms are taken on the caller as before.
-void set_summed_grads(std::vector<Block>& blocks, const ChainLayers& c, const Tensor& zero, Tensors& norms) {
-  const size_t n = c.weights.size();
+// That work for every parameter that trains, and the same tasks dealt out among the threads for a
+// step of several blocks: the largest first, each to the least loaded. On the calling thread alone
+// these sums and norms took about a tenth of the benchmark MLP's step. Dealt once per epoch, since
+// which parameters train changes only between epochs.
+struct GradWork {
   std::vector<GradTask> tasks;
-  for (size_t i = 0; i < n; ++i) {
-    if (c.need_weight[i]) tasks.push_back({i, true, c.weights[i].numel()});
-    else set_grad(c.weights[i], Tensor());
-    if (c.need_bias[i]) tasks.push_back({i, false, c.biases[i].numel()});
-    else set_grad(c.biases[i], Tensor());
+  std::vector<std::vector<GradTask>> shares;  // per thread
+};
+
+GradWork grad_work(const ChainLayers& c) {
+  GradWork work;
+  for (size_t i = 0; i < c.weights.size(); ++i) {
+    if (c.need_weight[i]) work.tasks.push_back({i, true, c.weights[i].numel()});
+    if (c.need_bias[i]) work.tasks.push_back({i, false, c.biases[i].numel()});
   }
-  const int64_t threads =
-      blocks.size() > 1 ? std::clamp<int64_t>(tasks.size(), 1, at::get_num_threads()) : 1;
-  std::sort(tasks.begin(), tasks.end(), [](const GradTask& a, const GradTask& b) { return a.size > b.size; });
-  std::vector<std::vector<GradTask>> share(threads);
-  std::vector<int64_t> load(share.size(), 0);
-  for (const GradTask& t : tasks) {
+  std::vector<GradTask> largest_first = work.tasks;
+  std::sort(largest_first.begin(), largest_first.end(),
+            [](const GradTask& a, const GradTask& b) { return a.size > b.size; });
+  work.shares.resize(std::clamp<int64_t>(work.tasks.size(), 1, at::get_num_threads()));
+  std::vector<int64_t> load(work.shares.size(), 0);
+  for (const GradTask& t : largest_first) {
     const size_t least = std::min_element(load.begin(), load.end()) - load.begin();
-    share[least].push_back(t);
+    work.shares[least].push_back(t);
     load[least] += t.size;
   }
-  for (size_t i = 0; i < n; ++i) norms[i] = zero;
+  return work;
+}
+
+// Sets every parameter's summed gradient (none where it does not train) and each weight's gradient
+// norm (`zero` for one that does not train) into norms. A thread takes the whole of a parameter, so
+// a norm is one reduction on one thread: the same bits as on the caller for a tensor too small for
+// ATen to split (32768 elements or fewer), otherwise equal to rounding. One block needs no sums:
+// its norms are taken on the caller as before.
+void set_summed_grads(std::vector<Block>& blocks, const ChainLayers& c, const GradWork& work, const Tensor& zero,
+                      Tensors& norms) {
+  const size_t n = c.weights.size();
+  for (size_t i = 0; i < n; ++i) {
+    norms[i] = zero;
+    if (!c.need_weight[i]) set_grad(c.weights[i], Tensor());
+    if (!c.need_bias[i]) set_grad(c.biases[i], Tensor());
+  }
+  const bool split = blocks.size() > 1;
   Tensors dws(n), dbs(n);
-  each_part(threads, [&](int64_t t) {
-    for (const GradTask& task : share[t]) {
+  each_part(split ? work.shares.size() : 1, [&](int64_t t) {
+    for (const GradTask& task : split ? work.shares[t] : work.tasks) {
       Tensor& g = (task.weight ? dws : dbs)[task.layer];
       g = summed(blocks, task.weight ? &Block::dws : &Block::dbs, task.layer);
       if (task.weight && g.defined()) norms[task.layer] = at::linalg_vector_norm(g, 2);
@@ -174,9 +189,8 @@ void set_summed_grads(std::vector<Block>& blocks, const ChainLayers& c, const Te
   });
   // On the caller, which holds the GIL: replacing a .grad frees the old one, and freeing a tensor
   // that Python has seen (the optimizer reads every .grad) takes the GIL.
-  for (const GradTask& task : tasks) {
-    set_grad(task.weight ? c.weights[task.layer] : c.biases[task.layer],
-             (task.weight ? dws : dbs)[task.layer]);
+  for (const GradTask& task : work.tasks) {
+    set_grad(task.weight ? c.weights[task.layer] : c.biases[task.layer], (task.weight ? dws : dbs)[task.layer]);
   }
 }
 
@@ -195,6 +209,7 @@ std::tuple<Tensor, Tensor> chain_classifier_epoch(const ChainSteps& s, const Cha
     need_b.push_back(c.need_bias[i]);
   }
   const Tensor zero = c.weights[0].new_zeros({});  // the gradient norm of a frozen layer
+  const GradWork work = grad_work(c);
   Tensors rows, outputs, losses, norms(n);
   rows.reserve(steps);
   outputs.reserve(steps);
@@ -210,7 +225,7 @@ std::tuple<Tensor, Tensor> chain_classifier_epoch(const ChainSteps& s, const Cha
       outputs.push_back(b.out);
     }
     // Norms of the gradients as backward made them, before clipping rescales them.
-    set_summed_grads(blocks, c, zero, norms);
+    set_summed_grads(blocks, c, work, zero, norms);
     const Tensor part = (parts == 1 ? losses[0] : at::cat(losses)).sum();
     const Tensor total = c.head_weight == 1.0 ? part : part * c.head_weight;
     Tensors row = {total, part};
