@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include "chain_epoch.h"
+#include "gemm_avx512.h"
+#include "gemm_cpu.h"
 
 namespace py = pybind11;
 
@@ -31,6 +33,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("target"), py::arg("order"), py::arg("buffer"), py::arg("bounds"), py::arg("coefs"),
       py::arg("class_weight"), py::arg("weights"), py::arg("biases"), py::arg("activations"), py::arg("alphas"),
       py::arg("need_weight"), py::arg("need_bias"), py::arg("trains"), py::arg("head_weight"), py::arg("update"));
+  m.def(
+      "gemm_backend",
+      [](const at::Tensor& a, const at::Tensor& b) {
+        return densepipe::cpu::gemm_backend_name(densepipe::cpu::gemm_backend(a, b));
+      },
+      "Which implementation runs the CPU product a @ b: onednn, avx512 or blas (csrc/gemm_cpu.cpp).",
+      py::arg("a"), py::arg("b"));
+  m.attr("avx512_gemm") = densepipe::cpu::avx512::kBuilt;  // whether this build has the AVX-512 kernel
 }
 
 TORCH_LIBRARY(densepipe, m) {

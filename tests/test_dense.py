@@ -4,6 +4,7 @@ reference activation), on every device this machine has."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from densepipe import ops
+from densepipe import _C, _build, ops
 from densepipe.nn import ACTIVATIONS, FUSED, FusedDense
 
 _ops = torch.ops.densepipe
@@ -149,6 +150,51 @@ def test_backward_on_several_threads(threads, count, lead, k, n):
        act=st.sampled_from(ACTS), seed=st.integers(0, 2**16))
 def test_random_shapes(device, dtype, m, k, n, bias, act, seed):
     _check(device, dtype, *act, (m,), k, n, bias, seed=seed)
+
+
+# ---------------------------------------------------------------- the CPU GEMM backends
+def test_an_avx512_build_has_its_own_gemm():
+    built_for = os.environ.get("DENSEPIPE_CPU_CAPABILITY") or _build.cpu_capability()
+    assert _C.avx512_gemm == (built_for == "AVX512")
+
+
+_SMALL = "avx512" if _C.avx512_gemm else "blas"  # where a small float32 product runs
+
+
+@pytest.mark.parametrize("a,b,onednn,backend", [
+    # a training step's products: x W^T (forward), g W (dx), g^T x (dW)
+    ((64, 64), (256, 64, "T"), True, _SMALL),
+    ((128, 256), (256, 128), True, _SMALL),
+    ((256, 64, "T"), (64, 64), True, _SMALL),
+    ((2048, 128), (128, 256), True, "onednn"),  # 2^26 multiply-adds
+    ((2048, 128), (128, 256), False, _SMALL),  # ... with oneDNN switched off
+    ((64, 128, "sliced"), (64, 10), True, "blas"),  # no unit stride in a
+    ((64, 64, "double"), (64, 10, "double"), True, "blas"),
+], ids=["forward", "dx", "dw", "large", "large-onednn-off", "strided", "float64"])
+def test_which_backend_runs_a_product(a, b, onednn, backend):
+    def operand(rows, cols, how=""):
+        t = torch.randn(rows, cols * (2 if how == "sliced" else 1), dtype=torch.float64 if how == "double" else None)
+        return t.T if how == "T" else t[:, ::2] if how == "sliced" else t
+
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        assert _C.gemm_backend(operand(*a), operand(*b)) == backend
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 300), k=st.integers(1, 300), n=st.integers(1, 100), transposed=st.booleans(),
+       two_threads=st.booleans(), seed=st.integers(0, 2**16))
+def test_avx512_gemm_tiles_panels_and_tasks(m, k, n, transposed, two_threads, seed):
+    # Rows past a whole 8-row tile, columns past a whole 32-column panel or 16-lane vector, a W^T
+    # packed in 16 x 16 blocks and its tails, and products split into tasks of rows and panels.
+    layout = "transposed" if transposed and min(m, k) > 1 else "contiguous"  # a 1-row x is both
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if two_threads else 1)
+    try:
+        _check("cpu", torch.float32, "linear", 0.0, (m,), k, n, True, layout, seed=seed)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
