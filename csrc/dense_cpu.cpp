@@ -1,5 +1,5 @@
-// CPU kernels of the fused dense op: GEMM through ATen (oneDNN or BLAS, see
-// gemm_cpu.cpp), then one vectorized, parallel epilogue. Backward fuses act'(.) and
+// CPU kernels of the fused dense op: the product on the backend gemm_cpu.cpp picks (oneDNN,
+// densepipe's AVX-512 kernel or BLAS), then one vectorized, parallel epilogue. Backward fuses act'(.) and
 // the bias reduction into a single pass over grad_y.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -75,7 +75,9 @@ at::Tensor avx512_gemm(const at::Tensor& a, const at::Tensor& b) {
   at::parallel_for(0, chunks * panels, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t / panels * rows, q = t % panels;
+#if defined(__AVX512F__)  // the kernel exists only there; elsewhere want_avx512() never picks it
       avx512::gemm_block(n, k, sa, sb, c, n, i0, std::min(i0 + rows, m), q, q + 1);
+#endif
     }
   });
   return out;
