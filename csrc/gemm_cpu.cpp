@@ -52,9 +52,13 @@ bool want_onednn(const at::Tensor& a, const at::Tensor& b) {
 // An operand as the AVX-512 kernel reads it: one of its strides is 1.
 bool unit_strided(const at::Tensor& t) { return t.stride(0) == 1 || t.stride(1) == 1; }
 
+// The deepest product the AVX-512 kernel takes: it does not block along k, so a column panel of b
+// (k x 32 floats, 512 KiB here) must stay within the L2 cache.
+constexpr int64_t kAvx512MaxDepth = 4096;
+
 bool want_avx512(const at::Tensor& a, const at::Tensor& b) {
   return avx512::kBuilt && a.scalar_type() == at::kFloat && a.size(0) > 0 && a.size(1) > 0 && b.size(1) > 0 &&
-         unit_strided(a) && unit_strided(b);
+         a.size(1) <= kAvx512MaxDepth && unit_strided(a) && unit_strided(b);
 }
 
 // Flops a thread's task takes at least: enough to repay waking the thread.

@@ -169,8 +169,9 @@ _SMALL = "avx512" if _C.avx512_gemm else "blas"  # where a small float32 product
     ((2048, 128), (128, 256), True, "onednn"),  # 2^26 multiply-adds
     ((2048, 128), (128, 256), False, _SMALL),  # ... with oneDNN switched off
     ((64, 128, "sliced"), (64, 10), True, "blas"),  # no unit stride in a
+    ((8, 5000), (5000, 8), True, "blas"),  # deeper than the AVX-512 kernel's panels fit in L2
     ((64, 64, "double"), (64, 10, "double"), True, "blas"),
-], ids=["forward", "dx", "dw", "large", "large-onednn-off", "strided", "float64"])
+], ids=["forward", "dx", "dw", "large", "large-onednn-off", "strided", "deep", "float64"])
 def test_which_backend_runs_a_product(a, b, onednn, backend):
     def operand(rows, cols, how=""):
         t = torch.randn(rows, cols * (2 if how == "sliced" else 1), dtype=torch.float64 if how == "double" else None)
