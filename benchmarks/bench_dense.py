@@ -4,7 +4,8 @@ For every shape (M, K, N) and every fused activation:
   forward (no grad)  ours: densepipe.ops.dense     eager: F.linear + the activation
                      bounds: torch.mm (x @ W^T, BLAS) and torch.addmm (b + x @ W^T), and
                      "own GEMM": ops.dense with no bias and no activation, i.e. the GEMM
-                     our op runs (oneDNN or BLAS, see csrc/gemm_cpu.cpp) and nothing else
+                     our op runs (oneDNN, our AVX-512 kernel or BLAS, see csrc/gemm_cpu.cpp)
+                     and nothing else
   forward+backward   grads for x, W and b, both sides through autograd
                      bounds: the three GEMMs any dense layer runs (x W^T, g W, g^T x),
                      on BLAS (what eager runs) and on our GEMM

@@ -151,8 +151,8 @@ def _products_torch(acts: list[Tensor], weights: list[Tensor]) -> None:
 
 
 def _products_densepipe(acts: list[Tensor], weights: list[Tensor]) -> None:
-    """The same products on densepipe's GEMM backend (oneDNN where it wins, see csrc/gemm_cpu.cpp),
-    made as training makes them: one chain call forward, one backward (dX and dW side by side on
+    """The same products on densepipe's GEMM backend (oneDNN, our AVX-512 kernel or BLAS, see
+    csrc/gemm_cpu.cpp), made as training makes them: one chain call forward, one backward (dX and dW side by side on
     2 threads), with linear, bias-free layers, whose epilogues are empty. Calling the products one
     op at a time would add the Python cost of 6 calls and understate the bound."""
     n = len(weights)
