@@ -154,7 +154,8 @@ def _products_densepipe(acts: list[Tensor], weights: list[Tensor]) -> None:
     """The same products on densepipe's GEMM backend (oneDNN, our AVX-512 kernel or BLAS, see
     csrc/gemm_cpu.cpp), made as training makes them: one chain call forward, one backward (dX
     and dW side by side on 2 threads), with linear, bias-free layers, whose epilogues are empty.
-    Calling the products one op at a time would add the Python cost of 6 calls and understate the bound."""
+    Calling the products one op at a time would add the Python cost of 6 calls and understate
+    the bound."""
     n = len(weights)
     no_bias, linear, alphas = [acts[0].new_empty(0)] * n, ["linear"] * n, [0.0] * n
     with torch._C._AutoDispatchBelowAutograd():  # the kernels alone, as train/direct.py calls them
