@@ -11,11 +11,15 @@
 // With several threads, a step of at least 2 * kMinBlockRows rows is split into blocks of rows,
 // one per thread, each running those calls on its rows alone, on one core; the blocks' parameter
 // gradients are then summed in block order. A small MLP's products split poorly inside each call
-// (a 128-row step's on 2 threads ran at about 1.3x one thread's speed), and a step's dozen
-// parallel regions each cost a fork and a join; blocks need one. Training the benchmark's MLP
-// (64-256-128-10, batch 128, 2 threads) ran 1.10x as fast (median of 30 alternating fits). The sums' rounding then
-// depends on the thread count: results stay the same from run to run for a given thread count, and
-// agree with the one-thread results to rounding.
+// on BLAS (a 128-row step's on 2 threads ran at about 1.3x one thread's speed), and a step's
+// dozen parallel regions each cost a fork and a join; blocks need one. Training the benchmark's
+// MLP (64-256-128-10, batch 128, 2 threads) ran 1.10x as fast (median of 30 alternating fits).
+// With the products on densepipe's AVX-512 kernel (gemm_avx512.cpp), which splits a product by
+// column panels at little cost, blocks still ran 1.04x (digits) and 1.05x (synthetic set) as fast
+// as unsplit steps (medians of 5 and 3 alternating rounds of fits in fresh processes: a small
+// gain, near this machine's noise). The sums' rounding then depends on the thread count: results
+// stay the same from run to run for a given thread count, and agree with the one-thread results
+// to rounding.
 //
 // The optimizer's update (with clipping and constraints) stays in Python: a callable, called once per
 // step after the gradients are set, so every optimizer and its state work as they do elsewhere.
