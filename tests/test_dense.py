@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -183,19 +183,16 @@ def test_which_backend_runs_a_product(a, b, onednn, backend):
         assert _C.gemm_backend(operand(*a), operand(*b)) == backend
 
 
-@settings(max_examples=30, deadline=None)
+# The threads fixture only puts the thread count back after the test: every example sets its own.
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 300), k=st.integers(1, 300), n=st.integers(1, 100), transposed=st.booleans(),
        two_threads=st.booleans(), seed=st.integers(0, 2**16))
-def test_avx512_gemm_tiles_panels_and_tasks(m, k, n, transposed, two_threads, seed):
+def test_avx512_gemm_tiles_panels_and_tasks(threads, m, k, n, transposed, two_threads, seed):
     # Rows past a whole 8-row tile, columns past a whole 32-column panel or 16-lane vector, a W^T
     # packed in 16 x 16 blocks and its tails, and products split into tasks of rows and panels.
     layout = "transposed" if transposed and min(m, k) > 1 else "contiguous"  # a 1-row x is both
-    before = torch.get_num_threads()
-    torch.set_num_threads(2 if two_threads else 1)
-    try:
-        _check("cpu", torch.float32, "linear", 0.0, (m,), k, n, True, layout, seed=seed)
-    finally:
-        torch.set_num_threads(before)
+    threads(2 if two_threads else 1)
+    _check("cpu", torch.float32, "linear", 0.0, (m,), k, n, True, layout, seed=seed)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
